@@ -1,0 +1,170 @@
+"""The worker's road: a reader thread (source -> decoder -> normalizer) feeding a bounded queue, and a writer
+that commits batches by size or age. A slow database fills the queue and so slows the reader: memory stays
+bounded and nothing is dropped."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from django.db import close_old_connections
+
+from conversations import services
+from conversations.events import Reject, TypedEvent
+
+logger = logging.getLogger(__name__)
+
+Item = TypedEvent | Reject
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One normalized item and the resume cursor in effect when it was read."""
+
+    item: Item
+    cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStopped:
+    """Put on the queue by the reader when the source ends; carries the error that ended it, if any."""
+
+    error: BaseException | None = None
+
+
+@dataclass
+class Totals:
+    new_events: int = 0
+    duplicates: int = 0
+    rejects: int = 0
+    batches: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def committed(self) -> int:
+        return self.new_events + self.duplicates + self.rejects
+
+    def rate(self) -> float:
+        return self.committed / max(time.monotonic() - self.started, 1e-6)
+
+
+class Pipeline:
+    def __init__(
+        self, *, source_name: str, batch_size: int = 500, max_age: float = 0.1, queue_size: int = 5000
+    ) -> None:
+        self.source_name = source_name
+        self.batch_size = batch_size
+        self.max_age = max_age
+        self.queue: queue.Queue[Envelope | SourceStopped] = queue.Queue(maxsize=queue_size)
+        self.totals = Totals()
+        self.source_error: BaseException | None = None
+        self.source_done = False
+
+    # -- reader side ------------------------------------------------------------------------------
+    def read(self, items: Iterable[Envelope]) -> None:
+        """Run in the reader thread: put every normalized item on the bounded queue (blocks when full)."""
+        error: BaseException | None = None
+        try:
+            for envelope in items:
+                self.queue.put(envelope)
+        except BaseException as exc:  # handed to the writer, which decides how the worker ends
+            error = exc
+        self.queue.put(SourceStopped(error))
+
+    def start_reader(self, items: Iterable[Envelope]) -> threading.Thread:
+        # A daemon: if it is blocked on the network at shutdown, what it holds was never committed and the
+        # checkpoint still points before it.
+        thread = threading.Thread(target=self.read, args=(items,), name=f"{self.source_name}-reader", daemon=True)
+        thread.start()
+        return thread
+
+    # -- writer side ------------------------------------------------------------------------------
+    def run(self, *, stop: threading.Event, max_events: int | None = None) -> Totals:
+        """Commit batches until stopped, the source ends, or max_events are committed."""
+        while not stop.is_set() and not self.source_done:
+            if max_events is not None and self.totals.committed >= max_events:
+                break
+            self.commit(self.collect(limit=self._limit(max_events)))
+        if stop.is_set():
+            self.commit(self.drain())
+        return self.totals
+
+    def _limit(self, max_events: int | None) -> int:
+        if max_events is None:
+            return self.batch_size
+        return max(1, min(self.batch_size, max_events - self.totals.committed))
+
+    def collect(self, *, limit: int, wait: float = 0.25) -> list[Envelope]:
+        """The first item waits up to `wait`; the batch then fills until `limit` items or `max_age` seconds."""
+        batch: list[Envelope] = []
+        deadline = None
+        while len(batch) < limit:
+            timeout = wait if deadline is None else deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            try:
+                entry = self.queue.get(timeout=timeout)
+            except queue.Empty:
+                break
+            if isinstance(entry, SourceStopped):
+                self._source_stopped(entry)
+                break
+            batch.append(entry)
+            deadline = deadline or time.monotonic() + self.max_age
+        return batch
+
+    def drain(self) -> list[Envelope]:
+        """At shutdown: everything already read is committed before the worker exits."""
+        batch: list[Envelope] = []
+        while True:
+            try:
+                entry = self.queue.get_nowait()
+            except queue.Empty:
+                return batch
+            if isinstance(entry, SourceStopped):
+                self._source_stopped(entry)
+            else:
+                batch.append(entry)
+
+    def _source_stopped(self, entry: SourceStopped) -> None:
+        self.source_done = True
+        self.source_error = entry.error
+
+    def commit(self, batch: list[Envelope]) -> services.BatchResult | None:
+        if not batch:
+            return None
+        close_old_connections()
+        events = [e.item for e in batch if isinstance(e.item, TypedEvent)]
+        rejects = [e.item for e in batch if isinstance(e.item, Reject)]
+        cursor = next((e.cursor for e in reversed(batch) if e.cursor), None)
+        started = time.monotonic()
+        result = services.ingest_batch(events=events, rejects=rejects, source=self.source_name, last_event_id=cursor)
+        self._count(result, cursor=cursor, seconds=time.monotonic() - started)
+        return result
+
+    def _count(self, result: services.BatchResult, *, cursor: str | None, seconds: float) -> None:
+        totals = self.totals
+        totals.batches += 1
+        totals.new_events += len(result.new_events)
+        totals.duplicates += result.duplicates
+        totals.rejects += len(result.rejects)
+        ended = sum(1 for t in result.transitions if t.new_state == "ended")
+        wrapped = sum(1 for t in result.transitions if t.new_state == "wrapped_up")
+        logger.info(
+            "%s batch %d committed in %.0f ms: %d new, %d duplicate, %d rejected; %d conversations "
+            "(%d ended, %d wrapped up); checkpoint %s; %d committed so far, %.1f/s",
+            self.source_name, totals.batches, seconds * 1000, len(result.new_events), result.duplicates,
+            len(result.rejects), len(result.conversations), ended, wrapped, cursor or "-", totals.committed,
+            totals.rate(),
+        )
+
+
+def normalized(messages: Iterable, normalize: Callable[..., Item | None]) -> Iterable[Envelope]:
+    """Decoded SSE messages -> envelopes; keep-alives vanish here."""
+    for message in messages:
+        item = normalize(message.data, sse_id=message.id)
+        if item is not None:
+            yield Envelope(item, message.id)
