@@ -13,7 +13,7 @@ from typing import Any
 from conversations.events import STATE_OF_KIND, STATE_RANK, EventKind, ParticipantFacts, TypedEvent
 
 CONVERSATION_ATTRS = (
-    "media_type", "direction", "queue_id", "queue_name", "ani", "dnis", "wrapup_code", "wrapup_name", "wrapup_notes",
+    "media_type", "direction", "queue_id", "queue_name", "agent_id", "agent_name", "ani", "dnis", "wrapup_code", "wrapup_name", "wrapup_notes",
 )
 PARTICIPANT_ATTRS = tuple(f.name for f in fields(ParticipantFacts) if f.name != "participant_id")
 

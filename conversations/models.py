@@ -15,6 +15,8 @@ class Conversation(models.Model):
     direction = models.CharField(max_length=16, blank=True, default="", db_index=True)
     queue_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
     queue_name = models.CharField(max_length=200, blank=True, default="")
+    agent_id = models.CharField(max_length=64, blank=True, default="", db_index=True)  # the latest agent
+    agent_name = models.CharField(max_length=200, blank=True, default="")
     ani = models.CharField(max_length=100, blank=True, default="", db_index=True)
     dnis = models.CharField(max_length=100, blank=True, default="", db_index=True)
     wrapup_code = models.CharField(max_length=200, blank=True, default="", db_index=True)
@@ -108,3 +110,91 @@ class StreamCheckpoint(models.Model):
 
     def __str__(self) -> str:
         return f"{self.source}: {self.last_event_id or '(start)'}"
+
+
+class HookDelivery(models.Model):
+    """The transactional outbox of post-call work: one row per (conversation, trigger, hook), written in the
+    batch transaction that moved the conversation, delivered by Celery after commit."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="hook_deliveries")
+    trigger = models.CharField(max_length=16)  # "end" or "wrapup"
+    hook = models.CharField(max_length=200)  # dotted path of the callable
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    idempotency_key = models.CharField(max_length=64, unique=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["conversation", "trigger", "hook"], name="hook_delivery_once")
+        ]
+        indexes = [models.Index(fields=["status", "next_attempt_at"], name="hook_delivery_due")]
+
+    def __str__(self) -> str:
+        return f"{self.hook} on {self.trigger} ({self.status})"
+
+
+class StreamConnection(models.Model):
+    """Connection history: one row per connection (SSE stream or Notifications socket). Gaps between a row's
+    disconnect and the next row's connect are where events may have been missed."""
+
+    source = models.CharField(max_length=32, db_index=True)
+    worker = models.CharField(max_length=200, blank=True, default="")  # host:pid
+    channel_id = models.CharField(max_length=200, blank=True, default="")
+    connection_id = models.CharField(max_length=64, blank=True, default="")
+    connected_at = models.DateTimeField(db_index=True)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    last_event_at = models.DateTimeField(null=True, blank=True)
+    events_received = models.BigIntegerField(default=0)
+    disconnected_at = models.DateTimeField(null=True, blank=True)
+    disconnect_reason = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["-connected_at"]
+        indexes = [models.Index(fields=["source", "connected_at"], name="stream_connection_source_time")]
+
+    def __str__(self) -> str:
+        return f"{self.source} {self.channel_id or self.connection_id} @ {self.connected_at:%Y-%m-%d %H:%M:%S}"
+
+
+class WorkerHeartbeat(models.Model):
+    """Written by a running stream_events worker every few seconds; read by /readyz and stream_status."""
+
+    worker = models.CharField(max_length=200, unique=True)  # host:pid
+    source = models.CharField(max_length=32, db_index=True)
+    started_at = models.DateTimeField()
+    beat_at = models.DateTimeField(db_index=True)
+    last_event_at = models.DateTimeField(null=True, blank=True)  # last event or heartbeat from Genesys
+    connected = models.BooleanField(default=False)
+    events_committed = models.BigIntegerField(default=0)
+    reconnects = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.worker} ({self.source}) @ {self.beat_at:%Y-%m-%d %H:%M:%S}"
+
+
+class ApiToken(models.Model):
+    """A per-user token for the read-only JSON API; only its hash is stored."""
+
+    user = models.ForeignKey("auth.User", on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, blank=True, default="")
+    key_hash = models.CharField(max_length=64, unique=True)
+    prefix = models.CharField(max_length=8)  # shown in the admin to tell tokens apart
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user})"

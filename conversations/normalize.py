@@ -118,7 +118,17 @@ def sse_facts(payload: dict[str, Any]) -> dict[str, Any]:
             facts["wrapup_name"] = str(wrapup["name"])
         if wrapup.get("notes"):
             facts["wrapup_notes"] = str(wrapup["notes"])
+    facts.update(latest_agent(payload.get("participants")))
     return facts
+
+
+def latest_agent(participants: Any) -> dict[str, str]:
+    """The agent who joined last is the conversation's agent (after a transfer, the one it went to)."""
+    agents = [p for p in participants or () if isinstance(p, dict) and p.get("purpose") == "agent"]
+    if not agents:
+        return {}
+    agent = max(agents, key=lambda p: str(p.get("connectedTime") or ""))
+    return {k: str(v) for k, v in (("agent_id", agent.get("userId")), ("agent_name", agent.get("name"))) if v}
 
 
 def sse_participant(raw: dict[str, Any]) -> ParticipantFacts:

@@ -53,9 +53,17 @@ class Totals:
 
 class Pipeline:
     def __init__(
-        self, *, source_name: str, batch_size: int = 500, max_age: float = 0.1, queue_size: int = 5000
+        self,
+        *,
+        source_name: str,
+        batch_size: int = 500,
+        max_age: float = 0.1,
+        queue_size: int = 5000,
+        after_commit: Iterable[Callable[[services.BatchResult], None]] = (),
     ) -> None:
         self.source_name = source_name
+        # Worker-level listeners (live broadcast, metrics) called with each committed batch, in this thread.
+        self.after_commit = list(after_commit)
         self.batch_size = batch_size
         self.max_age = max_age
         self.queue: queue.Queue[Envelope | SourceStopped] = queue.Queue(maxsize=queue_size)
@@ -143,6 +151,8 @@ class Pipeline:
         started = time.monotonic()
         result = services.ingest_batch(events=events, rejects=rejects, source=self.source_name, last_event_id=cursor)
         self._count(result, cursor=cursor, seconds=time.monotonic() - started)
+        for listener in self.after_commit:
+            listener(result)
         return result
 
     def _count(self, result: services.BatchResult, *, cursor: str | None, seconds: float) -> None:

@@ -24,6 +24,7 @@ def test_a_full_lifecycle_derives_the_conversation_and_its_participants() -> Non
     assert (conv.media_type, conv.direction, conv.ani, conv.dnis) == ("voice", "inbound", "tel:+35315550123",
                                                                       "tel:+35318880000")
     assert (conv.queue_id, conv.queue_name) == ("queue-billing", "Billing")
+    assert (conv.agent_id, conv.agent_name) == ("user-2", "李雷")
     assert (conv.wrapup_code, conv.wrapup_name, conv.wrapup_notes) == ("code-resolved", "Resolved",
                                                                        "Kundin zufrieden ✓")
     assert conv.started_at.isoformat() == "2026-11-28T09:00:00+00:00"

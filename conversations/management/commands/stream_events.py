@@ -12,6 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from conversations import services
 from conversations.genesys.auth import TokenProvider
+from conversations.genesys.backoff import Backoff
 from conversations.genesys.errors import FatalSourceError
 from conversations.genesys.sse import SSESource
 from conversations.normalize import normalize_sse
@@ -65,6 +66,7 @@ def build_source(config: Any, *, stop: threading.Event) -> SSESource:
         tokens=tokens,
         last_event_id=services.load_checkpoint(source="sse"),
         read_timeout=settings.SSE_READ_TIMEOUT,
+        backoff=Backoff(cap=settings.SSE_BACKOFF_MAX),
         stop=stop,
     )
 
