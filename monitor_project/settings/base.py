@@ -96,6 +96,15 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 
 GENESYS = genesys.load(env)
 
+# Redis: the Celery broker and the channel layer when set; empty means the single-process demo defaults.
+REDIS_URL = env.str("REDIS_URL", default="")
+
+# --- Celery and post-call hooks (see conversations/outbox.py) ---
+
+# --- Channels and the live pages (see conversations/realtime.py) ---
+
+# --- Operations: health, metrics, logging ---
+
 # The ingest pipeline: a bounded queue between the reader and the writer, flushed by size or by age.
 INGEST_BATCH_SIZE = env.int("INGEST_BATCH_SIZE", default=500)
 INGEST_BATCH_MAX_AGE = env.float("INGEST_BATCH_MAX_AGE", default=0.1)
