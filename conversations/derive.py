@@ -67,12 +67,16 @@ def apply_event(record: ConversationRecord, event: TypedEvent) -> None:
         return
     if STATE_RANK.get(record.state, 0) < STATE_RANK[state]:
         record.state = state
-    record.started_at = _earliest(record.started_at, event.occurred_at)
+    # A conversation started no later than any of its events; it ended and was wrapped up at the earliest
+    # time any event says so.
+    record.started_at = _earliest(record.started_at, event.started_at or event.occurred_at)
     record.last_event_at = _latest(record.last_event_at, event.occurred_at)
-    if event.kind is EventKind.END:
-        record.ended_at = _earliest(record.ended_at, event.occurred_at)
-    elif event.kind is EventKind.WRAPUP:
-        record.wrapped_up_at = _earliest(record.wrapped_up_at, event.occurred_at)
+    ended_at = event.ended_at or (event.occurred_at if event.kind is EventKind.END else None)
+    if ended_at is not None:
+        record.ended_at = _earliest(record.ended_at, ended_at)
+    wrapped_up_at = event.wrapped_up_at or (event.occurred_at if event.kind is EventKind.WRAPUP else None)
+    if wrapped_up_at is not None:
+        record.wrapped_up_at = _earliest(record.wrapped_up_at, wrapped_up_at)
     merge_attrs(record.attrs, record.versions, event.facts, version_of(event))
 
 

@@ -60,6 +60,11 @@ class TypedEvent:
     # Conversation attributes this event states (media_type, direction, queue_id, ani, dnis, wrapup_code, ...).
     facts: dict[str, Any] = field(default_factory=dict)
     participants: tuple[ParticipantFacts, ...] = ()
+    # Lifecycle times the payload states explicitly (a Notifications snapshot carries them; an SSE event's own
+    # timestamp is its time). None: the event's occurred_at stands for it, as its kind implies.
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    wrapped_up_at: datetime | None = None
 
     @property
     def version(self) -> tuple[datetime, str]:
