@@ -41,6 +41,7 @@ class Command(BaseCommand):
         parser.add_argument("--client-secret", default="sim-secret")
         parser.add_argument("--token-ttl", type=float, default=3600, help="seconds")
         parser.add_argument("--seed", type=int, default=None)
+        parser.add_argument("--max-log", type=int, default=200_000, help="events kept for resuming clients")
         parser.add_argument("--first-id", type=int, default=None,
                             help="first SSE id (default: epoch ms, so ids keep increasing across restarts)")
         parser.add_argument("--keepalive-interval", type=float, default=15.0, help="seconds")
@@ -82,6 +83,7 @@ class Command(BaseCommand):
             seed=options["seed"],
             first_id=first_id,
             keepalive_interval=options["keepalive_interval"],
+            max_log=options["max_log"],
         )
         sim.duplicate_rate = options["duplicate_rate"]
         sim.reorder_window = options["reorder_window"]
