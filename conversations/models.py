@@ -198,3 +198,16 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.user})"
+
+
+class StreamLease(models.Model):
+    """Who may consume a source right now. One row per source; the holder renews it, and every batch it commits
+    checks it in the same transaction (a fence), so two workers never both write a source's stream."""
+
+    source = models.CharField(max_length=64, unique=True)
+    holder = models.CharField(max_length=200)  # host:pid:random
+    acquired_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.source} held by {self.holder} until {self.expires_at:%H:%M:%S}"

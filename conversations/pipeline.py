@@ -10,14 +10,29 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections
+from django.db import connection as db_connection
 
-from conversations import services
+from conversations import metrics, services
 from conversations.events import Reject, TypedEvent
+from conversations.genesys.backoff import Backoff
 
 logger = logging.getLogger(__name__)
 
 Item = TypedEvent | Reject
+IDLE_RECONNECT_SECONDS = 5.0
+DB_RETRY_CAP = 30.0
+
+
+class DatabaseUnavailable(Exception):
+    """The database stayed down until shutdown; what was held is re-read from the checkpoint on restart."""
+
+
+def close_connection() -> None:
+    try:
+        db_connection.close()
+    except (OperationalError, InterfaceError):
+        pass  # already broken: Django drops it either way and reconnects on next use
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,16 +75,21 @@ class Pipeline:
         max_age: float = 0.1,
         queue_size: int = 5000,
         after_commit: Iterable[Callable[[services.BatchResult], None]] = (),
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.source_name = source_name
         # Worker-level listeners (live broadcast, metrics) called with each committed batch, in this thread.
         self.after_commit = list(after_commit)
+        # Runs inside every batch transaction (the consumer lease's fence): raising rolls the batch back.
+        self.guard = guard
         self.batch_size = batch_size
         self.max_age = max_age
         self.queue: queue.Queue[Envelope | SourceStopped] = queue.Queue(maxsize=queue_size)
         self.totals = Totals()
         self.source_error: BaseException | None = None
         self.source_done = False
+        self.last_commit = float("-inf")
+        self.stop = threading.Event()
 
     # -- reader side ------------------------------------------------------------------------------
     def read(self, items: Iterable[Envelope]) -> None:
@@ -92,6 +112,7 @@ class Pipeline:
     # -- writer side ------------------------------------------------------------------------------
     def run(self, *, stop: threading.Event, max_events: int | None = None) -> Totals:
         """Commit batches until stopped, the source ends, or max_events are committed."""
+        self.stop = stop
         while not stop.is_set() and not self.source_done:
             if max_events is not None and self.totals.committed >= max_events:
                 break
@@ -144,16 +165,44 @@ class Pipeline:
     def commit(self, batch: list[Envelope]) -> services.BatchResult | None:
         if not batch:
             return None
-        close_old_connections()
+        if time.monotonic() - self.last_commit > IDLE_RECONNECT_SECONDS:
+            close_old_connections()  # after idle time the server may have dropped us; a busy stream keeps it
         events = [e.item for e in batch if isinstance(e.item, TypedEvent)]
         rejects = [e.item for e in batch if isinstance(e.item, Reject)]
         cursor = next((e.cursor for e in reversed(batch) if e.cursor), None)
         started = time.monotonic()
-        result = services.ingest_batch(events=events, rejects=rejects, source=self.source_name, last_event_id=cursor)
+        result = self.write(events=events, rejects=rejects, cursor=cursor)
+        self.last_commit = time.monotonic()
+        metrics.observe_commit(source=self.source_name, seconds=time.monotonic() - started)
         self._count(result, cursor=cursor, seconds=time.monotonic() - started)
         for listener in self.after_commit:
             listener(result)
         return result
+
+    def write(self, *, events: list[TypedEvent], rejects: list[Reject], cursor: str | None) -> services.BatchResult:
+        """Commit the batch, holding it through a database outage: the reader meanwhile fills the bounded queue
+        and then waits (backpressure), so nothing is dropped and the checkpoint never passes what was written."""
+        backoff = Backoff(base=0.5, cap=DB_RETRY_CAP)
+        while True:
+            try:
+                return services.ingest_batch(
+                    events=events, rejects=rejects, source=self.source_name, last_event_id=cursor, guard=self.guard
+                )
+            except (OperationalError, InterfaceError) as exc:
+                self._database_down(exc, held=len(events) + len(rejects), delay=backoff.next_delay(),
+                                    attempt=backoff.attempts)
+
+    def _database_down(self, exc: Exception, *, held: int, delay: float, attempt: int) -> None:
+        close_connection()  # the next attempt opens a fresh one
+        if self.stop.is_set():
+            raise DatabaseUnavailable(
+                f"the database is unavailable at shutdown: {held} events were not committed and the "
+                "checkpoint was not moved, so they are read again on restart"
+            ) from exc
+        logger.warning("%s: database unavailable (%s); holding %d events (%d queued), retry %d in %.1fs",
+                       self.source_name, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                       held, self.queue.qsize(), attempt, delay)
+        self.stop.wait(delay)
 
     def _count(self, result: services.BatchResult, *, cursor: str | None, seconds: float) -> None:
         totals = self.totals

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import orjson
 from django.db import transaction
 from django.db.models import F
 
-from conversations import signals
+from conversations import bulk, outbox, signals
 from conversations.derive import (
     CONVERSATION_ATTRS,
     PARTICIPANT_ATTRS,
@@ -20,7 +21,7 @@ from conversations.derive import (
     version_of,
 )
 from conversations.events import EventKind, Reject, TypedEvent
-from conversations.models import Conversation, Event, Participant, RejectedEvent, StreamCheckpoint
+from conversations.models import Conversation, Event, HookDelivery, Participant, RejectedEvent, StreamCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class BatchResult:
     rejects: list[RejectedEvent] = field(default_factory=list)
     conversations: dict[str, Conversation] = field(default_factory=dict)
     transitions: list[Transition] = field(default_factory=list)
+    deliveries: list[HookDelivery] = field(default_factory=list)  # hook deliveries this batch created
 
     @property
     def size(self) -> int:
@@ -55,12 +57,17 @@ class BatchResult:
 
 
 def ingest_batch(
-    *, events: Sequence[TypedEvent], rejects: Sequence[Reject] = (), source: str, last_event_id: str | None = None
+    *, events: Sequence[TypedEvent], rejects: Sequence[Reject] = (), source: str, last_event_id: str | None = None,
+    guard: Callable[[], None] | None = None,
 ) -> BatchResult:
-    """Store a batch in one transaction, then tell the rest of the product what changed."""
+    """Store a batch in one transaction, then tell the rest of the product what changed. `guard` runs first
+    inside the transaction (the worker's lease fence): if it raises, nothing of the batch is written."""
     with transaction.atomic():
+        if guard is not None:
+            guard()
         result = write_batch(events=events, rejects=rejects, source=source, last_event_id=last_event_id)
     send_signals(result)
+    outbox.enqueue_after_commit(result.deliveries)
     return result
 
 
@@ -72,32 +79,35 @@ def write_batch(
     result = BatchResult(new_events=new_events, duplicates=len(events) - len(new_events))
     result.rejects = store_rejects(rejects, received_at=received_at)
     result.conversations, result.transitions = apply_to_conversations(new_events)
+    result.deliveries = outbox.create_deliveries(
+        conversations=result.conversations, transitions=result.transitions
+    )
     save_checkpoint(source=source, last_event_id=last_event_id, committed=len(events) + len(rejects))
     return result
 
 
+EVENT_COLUMNS = (
+    "dedupe_key", "sse_id", "kind", "event_type", "conversation_id", "occurred_at", "received_at", "source", "payload",
+)
+
+
 def insert_new_events(events: Sequence[TypedEvent], *, received_at: datetime) -> list[TypedEvent]:
-    """Insert the events not stored yet; a duplicate (same dedupe key) is counted and skipped."""
+    """Insert the events not stored yet; the database says which were new (a duplicate is skipped)."""
     unique: dict[str, TypedEvent] = {}
     for event in events:
         unique.setdefault(event.dedupe_key, event)
-    stored = set(Event.objects.filter(dedupe_key__in=list(unique)).values_list("dedupe_key", flat=True))
-    new = [event for key, event in unique.items() if key not in stored]
-    Event.objects.bulk_create([event_row(e, received_at) for e in new], ignore_conflicts=True)
-    return new
+    inserted = bulk.insert_ignore(
+        table=Event._meta.db_table, columns=EVENT_COLUMNS, rows=[event_values(e, received_at) for e in unique.values()],
+        conflict=["dedupe_key"], returning=["dedupe_key"],
+    )
+    new_keys = {key for (key,) in inserted}
+    return [event for key, event in unique.items() if key in new_keys]
 
 
-def event_row(event: TypedEvent, received_at: datetime) -> Event:
-    return Event(
-        dedupe_key=event.dedupe_key,
-        sse_id=event.sse_id or "",
-        kind=event.kind.value,
-        event_type=event.event_type,
-        conversation_id=event.conversation_id,
-        occurred_at=event.occurred_at,
-        received_at=received_at,
-        source=event.source,
-        payload=event.payload,
+def event_values(event: TypedEvent, received_at: datetime) -> tuple:
+    return (
+        event.dedupe_key, event.sse_id or "", event.kind.value, event.event_type, event.conversation_id,
+        event.occurred_at, received_at, event.source, orjson.dumps(event.payload).decode(),
     )
 
 
@@ -112,15 +122,25 @@ def store_rejects(rejects: Sequence[Reject], *, received_at: datetime) -> list[R
     return rows
 
 
+CONVERSATION_FIELDS = (*CONVERSATION_TIMES, *CONVERSATION_ATTRS, "field_versions")
+PARTICIPANT_FIELDS = (*PARTICIPANT_ATTRS, "field_versions")
+PARTICIPANT_NULLABLE = {"connected_at", "ended_at", "acw_seconds"}
+
+
 def apply_to_conversations(
     events: Sequence[TypedEvent],
 ) -> tuple[dict[str, Conversation], list[Transition]]:
-    """One read and one upsert for every conversation the batch touches."""
+    """One read and one upsert for every conversation the batch touches (and the same for participants)."""
     moving = [e for e in events if e.kind is not EventKind.UNKNOWN and e.conversation_id]
     ids = sorted({e.conversation_id for e in moving})
     if not ids:
         return {}, []
-    existing = Conversation.objects.in_bulk(ids, field_name="conversation_id")
+    existing = {
+        row["conversation_id"]: row
+        for row in Conversation.objects.filter(conversation_id__in=ids).values(
+            "id", "conversation_id", "created_at", *CONVERSATION_FIELDS
+        )
+    }
     records = {cid: record_from_row(existing.get(cid), cid) for cid in ids}
     before = {cid: record.state for cid, record in records.items()}
     for event in moving:
@@ -133,59 +153,59 @@ def apply_to_conversations(
     return rows, transitions
 
 
-def record_from_row(row: Conversation | None, conversation_id: str) -> ConversationRecord:
+def record_from_row(row: dict | None, conversation_id: str) -> ConversationRecord:
     if row is None:
         return ConversationRecord(conversation_id=conversation_id)
     return ConversationRecord(
         conversation_id=conversation_id,
-        state=row.state,
-        started_at=row.started_at,
-        ended_at=row.ended_at,
-        wrapped_up_at=row.wrapped_up_at,
-        last_event_at=row.last_event_at,
-        attrs={name: getattr(row, name) for name in CONVERSATION_ATTRS if getattr(row, name)},
-        versions=dict(row.field_versions),
+        state=row["state"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+        wrapped_up_at=row["wrapped_up_at"],
+        last_event_at=row["last_event_at"],
+        attrs={name: row[name] for name in CONVERSATION_ATTRS if row[name]},
+        versions=dict(row["field_versions"]),
     )
 
 
-def upsert_conversations(
-    records: dict[str, ConversationRecord], existing: dict[str, Conversation]
-) -> dict[str, Conversation]:
-    rows = {}
-    for cid, record in records.items():
-        row = existing.get(cid) or Conversation(conversation_id=cid)
-        for name in CONVERSATION_TIMES:
-            setattr(row, name, getattr(record, name))
-        for name in CONVERSATION_ATTRS:
-            setattr(row, name, record.attrs.get(name, ""))
-        row.field_versions = record.versions
-        rows[cid] = row
-    Conversation.objects.bulk_create(
-        list(rows.values()),
-        update_conflicts=True,
-        unique_fields=["conversation_id"],
-        update_fields=[*CONVERSATION_TIMES, *CONVERSATION_ATTRS, "field_versions", "updated_at"],
+def conversation_fields(record: ConversationRecord) -> dict:
+    fields = {name: getattr(record, name) for name in CONVERSATION_TIMES}
+    fields.update({name: record.attrs.get(name, "") for name in CONVERSATION_ATTRS})
+    fields["field_versions"] = record.versions
+    return fields
+
+
+def upsert_conversations(records: dict[str, ConversationRecord], existing: dict[str, dict]) -> dict[str, Conversation]:
+    """Write the folded state; return the rows as model instances (for signals and the hook outbox)."""
+    now = datetime.now(UTC)
+    fields = {cid: conversation_fields(record) for cid, record in records.items()}
+    written = bulk.upsert(
+        table=Conversation._meta.db_table,
+        columns=["conversation_id", *CONVERSATION_FIELDS, "created_at", "updated_at"],
+        rows=[(cid, *db_values(f, CONVERSATION_FIELDS), now, now) for cid, f in fields.items()],
+        conflict=["conversation_id"], update=[*CONVERSATION_FIELDS, "updated_at"], returning=["conversation_id", "id"],
     )
-    _fill_missing_pks(rows)
-    return rows
+    created = {cid: existing[cid]["created_at"] if cid in existing else now for cid in fields}
+    return {
+        cid: Conversation(id=pk, conversation_id=cid, created_at=created[cid], updated_at=now, **fields[cid])
+        for cid, pk in written
+    }
 
 
-def _fill_missing_pks(rows: dict[str, Conversation]) -> None:
-    """Backends that cannot return ids from an upsert get them with one extra query."""
-    missing = [cid for cid, row in rows.items() if row.pk is None]
-    if missing:
-        ids = dict(Conversation.objects.filter(conversation_id__in=missing).values_list("conversation_id", "id"))
-        for cid in missing:
-            rows[cid].pk = ids[cid]
+def db_values(fields: dict, names: Sequence[str]) -> tuple:
+    return tuple(orjson.dumps(fields[n]).decode() if n == "field_versions" else fields[n] for n in names)
 
 
 def upsert_participants(conversations: dict[str, Conversation], events: Sequence[TypedEvent]) -> None:
     carrying = [e for e in events if e.participants]
     if not carrying:
         return
-    pks = [conversations[e.conversation_id].pk for e in carrying]
+    pks = {conversations[e.conversation_id].pk for e in carrying}
     existing = {
-        (p.conversation_id, p.participant_id): p for p in Participant.objects.filter(conversation_id__in=set(pks))
+        (row["conversation_id"], row["participant_id"]): row
+        for row in Participant.objects.filter(conversation_id__in=pks).values(
+            "conversation_id", "participant_id", *PARTICIPANT_FIELDS
+        )
     }
     records: dict[tuple[int, str], ParticipantRecord] = {}
     for event in carrying:
@@ -196,28 +216,24 @@ def upsert_participants(conversations: dict[str, Conversation], events: Sequence
             if key not in records:
                 records[key] = participant_record(existing.get(key), facts.participant_id)
             apply_participant(records[key], facts, version)
-    Participant.objects.bulk_create(
-        [participant_row(pk, record) for (pk, _), record in records.items()],
-        update_conflicts=True,
-        unique_fields=["conversation", "participant_id"],
-        update_fields=[*PARTICIPANT_ATTRS, "field_versions"],
+    bulk.upsert(
+        table=Participant._meta.db_table,
+        columns=["conversation_id", "participant_id", *PARTICIPANT_FIELDS],
+        rows=[(pk, pid, *participant_values(record)) for (pk, pid), record in records.items()],
+        conflict=["conversation_id", "participant_id"], update=PARTICIPANT_FIELDS, returning=["id"],
     )
 
 
-def participant_record(row: Participant | None, participant_id: str) -> ParticipantRecord:
+def participant_record(row: dict | None, participant_id: str) -> ParticipantRecord:
     if row is None:
         return ParticipantRecord(participant_id=participant_id)
-    attrs = {name: getattr(row, name) for name in PARTICIPANT_ATTRS if getattr(row, name) not in (None, "")}
-    return ParticipantRecord(participant_id=participant_id, attrs=attrs, versions=dict(row.field_versions))
+    attrs = {name: row[name] for name in PARTICIPANT_ATTRS if row[name] not in (None, "")}
+    return ParticipantRecord(participant_id=participant_id, attrs=attrs, versions=dict(row["field_versions"]))
 
 
-def participant_row(conversation_pk: int, record: ParticipantRecord) -> Participant:
-    row = Participant(conversation_id=conversation_pk, participant_id=record.participant_id)
-    for name in PARTICIPANT_ATTRS:
-        default = None if name in ("connected_at", "ended_at", "acw_seconds") else ""
-        setattr(row, name, record.attrs.get(name, default))
-    row.field_versions = record.versions
-    return row
+def participant_values(record: ParticipantRecord) -> tuple:
+    values = [record.attrs.get(name, None if name in PARTICIPANT_NULLABLE else "") for name in PARTICIPANT_ATTRS]
+    return (*values, orjson.dumps(record.versions).decode())
 
 
 def save_checkpoint(*, source: str, last_event_id: str | None, committed: int) -> None:

@@ -32,7 +32,7 @@ def genesys_settings(settings, sim_server: SimulatorServer):  # noqa: ANN001, AN
 
     settings.GENESYS = replace(
         settings.GENESYS, client_id="sim-client", client_secret="sim-secret",
-        api_url=sim_server.url, login_url=sim_server.url,
+        api_url=sim_server.url, login_url=sim_server.url, event_source="sse",
     )
     settings.SSE_READ_TIMEOUT = 5.0
     return settings.GENESYS
@@ -62,7 +62,28 @@ def worker_env(sim_server: SimulatorServer) -> dict[str, str]:
         GENESYSCLOUD_OAUTHCLIENT_SECRET="sim-secret",
         GENESYS_API_URL=sim_server.url,
         GENESYS_LOGIN_URL=sim_server.url,
+        GENESYS_EVENT_SOURCE="sse",
         SSE_READ_TIMEOUT="5",
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+FAULT_REPORT: list[tuple[str, dict[str, int]]] = []
+
+
+@pytest.fixture
+def fault_report() -> list[tuple[str, dict[str, int]]]:
+    """Fault-injection cases append (case, counts); the table is printed at the end of the run."""
+    return FAULT_REPORT
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+    if not FAULT_REPORT:
+        return
+    columns = ("sent", "stored", "lost", "duplicate_events", "hook_deliveries", "duplicate_deliveries")
+    write = terminalreporter.write_line
+    write("")
+    write("fault injection: " + " | ".join(["case".ljust(40), *(c.rjust(10) for c in columns)]))
+    for case, result in FAULT_REPORT:
+        write("                 " + " | ".join([case.ljust(40), *(str(result.get(c, "-")).rjust(10) for c in columns)]))

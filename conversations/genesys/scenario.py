@@ -1,7 +1,9 @@
 """Realistic conversation lifecycles for the Genesys simulator, told one SSE payload at a time.
 
 A lifecycle follows the contract in INTERFACES.md: start -> update (agent connected) -> [update (transfer)]
--> end -> wrapup. Voice, chat and callback, inbound and outbound, several queues and agents, wrap-up codes
+-> end -> wrapup. With `reject_rate`, an inbound conversation may first be offered to an agent who rejects it
+(an agent participant with an endTime and no connectedTime in the connect update); the rate is 0 by default.
+Voice, chat and callback, inbound and outbound, several queues and agents, wrap-up codes
 with names, and names that are not ASCII (a monitor that mangles "Zoë Ó Briain" or "李雷" is broken).
 
 Everything random comes from one `random.Random`, so a seed gives the same conversations every time.
@@ -147,10 +149,19 @@ _TRANSFER_PROBABILITY = 0.3
 _IVR_PROBABILITY = 0.5
 
 
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An agent who was offered the conversation and rejected it before the answering agent connected."""
+
+    agent: Agent
+    participant_id: str
+    at_fraction: float  # where between routing and the answer the offer ended
+
+
 class ConversationScript:
     """One conversation's story, told one event at a time; the caller picks each event's time."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, *, reject_rate: float = 0.0) -> None:
         self._rng = rng
         self.conversation_id = _uuid4(rng)
         self.media_type = _weighted(rng, _MEDIA_WEIGHTS)
@@ -160,6 +171,7 @@ class ConversationScript:
         self._wrapup = rng.choice(WRAPUP_CODES)
         self._notes = rng.choice(WRAPUP_NOTES)
         self._ani, self._dnis = self._numbers()
+        self._rejection = self._pick_rejection(reject_rate)
         self._participants: list[dict[str, Any]] = []
         self._steps = self._plan_steps()
         self._last: datetime | None = None
@@ -201,6 +213,18 @@ class ConversationScript:
             agents.append((second, _QUEUE_BY_NAME[self._rng.choice(second.queue_names)]))
         return agents
 
+    def _pick_rejection(self, reject_rate: float) -> Rejection | None:
+        """Drawn from a generator of its own, so a rate of 0 leaves every seeded story exactly as it was."""
+        if reject_rate <= 0 or self._outbound_call:
+            return None
+        side = random.Random(self.conversation_id)
+        first = self._agents[0][0]
+        others = [agent for agent in AGENTS if self.queue.name in agent.queue_names and agent is not first]
+        if side.random() >= reject_rate or not others:
+            return None
+        agent = side.choice(others)
+        return Rejection(agent=agent, participant_id=_uuid4(side), at_fraction=side.uniform(0.2, 0.8))
+
     def _numbers(self) -> tuple[str | None, str | None]:
         if self.media_type == "chat":
             return None, None
@@ -237,7 +261,10 @@ class ConversationScript:
             routed = self._between(ivr["connectedTime"], at)
             ivr["endTime"] = routed
             self._participants.append(self._acd_participant(routed))
-        self._by_purpose("acd")["endTime"] = iso(at)
+        acd = self._by_purpose("acd")
+        if self._rejection is not None:
+            self._participants.append(self._rejected_offer(self._rejection, acd["connectedTime"], at))
+        acd["endTime"] = iso(at)
         agent, queue = self._agents[0]
         self._participants.append(self._agent_participant(agent, queue, at))
         return "conversation:update"
@@ -245,7 +272,8 @@ class ConversationScript:
     def _step_transfer(self, at: datetime) -> str:
         current = [p for p in self._participants if p["purpose"] == "agent" and "endTime" not in p][-1]
         current["endTime"] = iso(at)
-        agent, queue = self._agents[len([p for p in self._participants if p["purpose"] == "agent"])]
+        answered = [p for p in self._participants if p["purpose"] == "agent" and "connectedTime" in p]
+        agent, queue = self._agents[len(answered)]
         self.queue = queue
         self._participants.append(self._agent_participant(agent, queue, at))
         return "conversation:update"
@@ -312,6 +340,19 @@ class ConversationScript:
             "agent", name=agent.name, queue_id=queue.id, user_id=agent.id, connected=iso(at)
         )
 
+    def _rejected_offer(self, rejection: Rejection, routed: str, answered: datetime) -> dict[str, Any]:
+        """The rejecting agent: offered after routing, gone before the answer, never connected."""
+        start = datetime.fromisoformat(routed)
+        ended = iso(start + (answered - start) * rejection.at_fraction)
+        return {
+            "participantId": rejection.participant_id,
+            "purpose": "agent",
+            "userId": rejection.agent.id,
+            "name": rejection.agent.name,
+            "queueId": self.queue.id,
+            "endTime": ended,
+        }
+
     def _acd_participant(self, connected: str) -> dict[str, Any]:
         return self._participant("acd", name=self.queue.name, queue_id=self.queue.id, connected=connected)
 
@@ -347,11 +388,12 @@ class ConversationScript:
 class Scenario:
     """Deterministic source of conversation lifecycles: the same seed gives the same payloads."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, *, reject_rate: float = 0.0) -> None:
         self.rng = random.Random(seed)
+        self.reject_rate = reject_rate  # share of inbound conversations first offered to an agent who rejects
 
     def script(self) -> ConversationScript:
-        return ConversationScript(self.rng)
+        return ConversationScript(self.rng, reject_rate=self.reject_rate)
 
     def lifecycle(self, *, start: datetime = DEFAULT_START) -> list[dict[str, Any]]:
         """Every payload of one conversation, on a realistic synthetic clock from `start`."""

@@ -1,4 +1,5 @@
-"""A fake Genesys Cloud that speaks the wire only: OAuth client credentials and the SSE event stream.
+"""A fake Genesys Cloud that speaks the wire only: OAuth client credentials, the SSE event stream and the
+Notifications API (channels, subscriptions, a WebSocket per channel: see simulator_notifications.py).
 
 `Simulator` is the state: an append-only event log (bounded), issued tokens, fault knobs and stats.
 `SimulatorServer` serves it over real HTTP with aiohttp, on 127.0.0.1 and an ephemeral port by default,
@@ -10,8 +11,12 @@ from its own thread and event loop, so tests and `make demo` talk to it exactly 
         ...  # point the client at server.url (API and login host both)
 
 Endpoints: `POST /oauth/token`, `POST /api/v2/analytics/events` (text/event-stream, resumable with
-Last-Event-ID) and `GET /api/v2/routing/wrapupcodes/{id}`. The contract is /work/shared/genesys/README.md,
-sections 2 and 3, and the shared INTERFACES.md.
+Last-Event-ID), `GET /api/v2/routing/wrapupcodes/{id}`, and the Notifications API mounted by
+`NotificationsRoutes` (`sim.notifications` is its state). The contract is /work/shared/genesys/README.md,
+sections 2, 3 and 4, and the shared INTERFACES.md. Every lifecycle payload appended to the SSE log is also
+published as Notifications snapshots and detail events of the same moment, so both sources tell one story.
+`POST /api/v2/analytics/conversations/details/query` (section 5, `sim.analytics`, simulator_analytics.py) answers
+from every conversation appended, including those no socket or stream was there to hear.
 
 Every knob is thread-safe: tests call them from their own thread while the server thread streams.
 """
@@ -40,6 +45,8 @@ import orjson
 from aiohttp import web
 
 from conversations.genesys.scenario import DEFAULT_START, WRAPUP_CODE_NAMES, ConversationScript, Scenario
+from conversations.genesys.simulator_analytics import AnalyticsRoutes, AnalyticsStore
+from conversations.genesys.simulator_notifications import NotificationsHub, NotificationsRoutes
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +144,7 @@ class Simulator:
         max_log: int = DEFAULT_MAX_LOG,
         first_id: int = 1,
         keepalive_interval: float = 15.0,
+        reject_rate: float = 0.0,
     ) -> None:
         if max_log < 1:
             raise ValueError(f"max_log must be at least 1, not {max_log!r}")
@@ -150,7 +158,10 @@ class Simulator:
         self.reorder_window = 0
         self.malformed_rate = 0.0
         self.wrapup_codes: dict[str, str] = dict(WRAPUP_CODE_NAMES)
-        self.scenario = Scenario(seed)
+        self.scenario = Scenario(seed, reject_rate=reject_rate)
+        self.notifications = NotificationsHub(tokens=self, client_id=client_id)
+        # Every generated conversation, for the analytics details query (simulator_analytics.py).
+        self.analytics = AnalyticsStore()
         self._seed = seed
         self._chunk_size: int | None = None
         self._line_ending = "\n"
@@ -192,8 +203,15 @@ class Simulator:
     # --- the log ---------------------------------------------------------------------------------------
 
     def append(self, payload: dict[str, Any], *, with_id: bool = True) -> str | None:
-        """Append one event; returns its SSE id (None when it is sent without an `id:` line)."""
-        return self._append_entry(orjson.dumps(payload), with_id=with_id).sse_id
+        """Append one event; returns its SSE id (None when it is sent without an `id:` line).
+
+        A lifecycle payload is also published on the Notifications API (snapshot and detail events) and kept for
+        the analytics details query.
+        """
+        sse_id = self._append_entry(orjson.dumps(payload), with_id=with_id).sse_id
+        self.notifications.publish(payload)
+        self.analytics.record(payload)  # kept whether or not a socket or stream heard it: backfill finds it
+        return sse_id
 
     def append_raw(self, text: str) -> None:
         """Append SSE text that is written verbatim (odd framing, malformed lines, comments...)."""
@@ -293,6 +311,11 @@ class Simulator:
                 expires_at = None
         return expires_at is not None
 
+    def invalidate_token(self, token: str) -> None:
+        """This one token stops working (a revocation); others stay valid."""
+        with self._lock:
+            self._tokens.pop(token, None)
+
     def expire_tokens(self) -> None:
         """Every token issued so far becomes invalid: the API answers 401 until the client logs in again."""
         with self._lock:
@@ -340,7 +363,10 @@ class Simulator:
             raise ValueError(f"rate must be positive, not {rate!r}")
         self.stop_live()
         seed = None if self._seed is None else self._seed + 1
-        self._live = LiveGenerator(self._emitter, rate=rate, concurrency=concurrency, seed=seed)
+        reject_rate = self.scenario.reject_rate
+        self._live = LiveGenerator(
+            self._emitter, rate=rate, concurrency=concurrency, seed=seed, reject_rate=reject_rate
+        )
         self._live.start()
 
     def stop_live(self) -> None:
@@ -415,13 +441,19 @@ class LiveGenerator(threading.Thread):
     """Appends lifecycles at about `rate` events/s, several conversations in flight at once."""
 
     def __init__(
-        self, emitter: _FaultyEmitter, *, rate: float, concurrency: int | None = None, seed: int | None = None
+        self,
+        emitter: _FaultyEmitter,
+        *,
+        rate: float,
+        concurrency: int | None = None,
+        seed: int | None = None,
+        reject_rate: float = 0.0,
     ) -> None:
         super().__init__(name="genesys-simulator-live", daemon=True)
         self._emitter = emitter
         self._interval = 1.0 / rate
         self._concurrency = concurrency or max(3, min(50, round(rate * 3)))
-        self._scenario = Scenario(seed)
+        self._scenario = Scenario(seed, reject_rate=reject_rate)
         self._active: list[ConversationScript] = []
         self._stopped = threading.Event()
 
@@ -518,18 +550,26 @@ class SimulatorServer:
         await runner.setup()
         await web.SockSite(runner, self._sock).start()
         self.sim.add_listener(self._wake_from_any_thread)
+        self.sim.notifications.attach(asyncio.get_running_loop())
+        sweeper = asyncio.create_task(self.sim.notifications.run_sweeper())
         self._ready.set()
         try:
             await self._stopping.wait()
         finally:
             self.sim.remove_listener(self._wake_from_any_thread)
+            sweeper.cancel()
+            await self.sim.notifications.shutdown()
             await runner.cleanup()
+            self.sim.notifications.attach(None)
 
     def _app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/oauth/token", self._token)
         app.router.add_post("/api/v2/analytics/events", self._events)
         app.router.add_get("/api/v2/routing/wrapupcodes/{code_id}", self._wrapup_code)
+        routes = NotificationsRoutes(self.sim.notifications, authorized=self._authorized, error=genesys_error)
+        routes.mount(app)
+        AnalyticsRoutes(self.sim.analytics, authorized=self._authorized, error=genesys_error).mount(app)
         return app
 
     def _begin_shutdown(self) -> None:

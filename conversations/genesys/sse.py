@@ -22,6 +22,7 @@ from conversations.genesys.auth import TokenProvider
 from conversations.genesys.backoff import Backoff, parse_retry_after
 from conversations.genesys.errors import FatalSourceError, TransientError, error_detail, short_reason
 from conversations.genesys.eventstream import SSEDecoder, SSEMessage
+from conversations.genesys.notifications import ConnectionListener, ConnectionTracker
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,12 @@ class SSESource:
         backoff: Backoff | None = None,
         stop: threading.Event | None = None,
         session: requests.Session | None = None,
+        on_connection: ConnectionListener | None = None,
     ) -> None:
         self.url = api_url.rstrip("/") + EVENTS_PATH
+        # Connection history: told when each stream opens, what it delivers, and when and why it ends.
+        self._on_connection = on_connection
+        self._tracker: ConnectionTracker | None = None
         self.query = dict(query) if query is not None else default_query()
         self.tokens = tokens
         # Set it (from any thread, a signal handler included) and messages() returns within moments.
@@ -124,15 +129,20 @@ class SSESource:
         response = self._open()
         with self._lock:
             self._response = response
+        reason = "stopped"
         try:
             # `stop` may have been set while connecting, before the watcher could see this response.
             if self._running():
                 self._on_connected()
                 yield from self._read(response)
+        except TransientError as exc:
+            reason = str(exc)
+            raise
         finally:
             with self._lock:
                 self._response = None
             response.close()
+            self._on_disconnected(reason)
 
     # Connecting
 
@@ -207,6 +217,8 @@ class SSESource:
         self._decoder.reset()
         self.stats.connects += 1
         self.stats.last_connected_at = datetime.now(UTC)
+        if self._on_connection is not None:
+            self._tracker = ConnectionTracker(source=self.name, listener=self._on_connection)
         logger.info(
             "sse: connected to %s (connect #%s, %s reconnects so far, Last-Event-ID %s)",
             self.url,
@@ -214,6 +226,11 @@ class SSESource:
             self.stats.reconnects,
             self.last_event_id,
         )
+
+    def _on_disconnected(self, reason: str) -> None:
+        if self._tracker is not None:
+            self._tracker.close(reason)
+            self._tracker = None
 
     # Reading
 
@@ -224,6 +241,10 @@ class SSESource:
             if chunk is None:
                 return
             messages = self._decoder.feed(chunk)
+            if self._tracker is not None:  # any bytes, keep-alive comments included, prove the stream alive
+                self._tracker.heartbeat()
+                if messages:
+                    self._tracker.events(len(messages))
             if messages and not healthy:
                 # Only a stream that delivers resets the backoff; accept-then-drop keeps growing the delay.
                 healthy = True

@@ -41,6 +41,8 @@ class Command(BaseCommand):
         parser.add_argument("--client-secret", default="sim-secret")
         parser.add_argument("--token-ttl", type=float, default=3600, help="seconds")
         parser.add_argument("--seed", type=int, default=None)
+        parser.add_argument("--heartbeat-interval", type=float, default=30.0, help="Notifications heartbeat, seconds")
+        parser.add_argument("--reject-rate", type=float, default=0.0, help="share of inbound offers first rejected")
         parser.add_argument("--max-log", type=int, default=200_000, help="events kept for resuming clients")
         parser.add_argument("--first-id", type=int, default=None,
                             help="first SSE id (default: epoch ms, so ids keep increasing across restarts)")
@@ -84,7 +86,9 @@ class Command(BaseCommand):
             first_id=first_id,
             keepalive_interval=options["keepalive_interval"],
             max_log=options["max_log"],
+            reject_rate=options["reject_rate"],
         )
+        sim.notifications.heartbeat_interval = options["heartbeat_interval"]
         sim.duplicate_rate = options["duplicate_rate"]
         sim.reorder_window = options["reorder_window"]
         sim.malformed_rate = options["malformed_rate"]
@@ -125,7 +129,9 @@ def _summary(sim: Simulator) -> str:
     return (
         f"tokens={stats['token_requests']} streams={stats['stream_requests']} open={stats['open_streams']} "
         f"events_sent={stats['events_sent']} keepalives={stats['keepalives_sent']} "
-        f"appended={stats['appended']}"
+        f"appended={stats['appended']} "
+        f"sockets={sum(sim.notifications.stats['open_sockets'].values())} "
+        f"notifications={sim.notifications.stats['messages_sent']}"
     )
 
 

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
 from conversations.worker import Worker
+from monitor_project.settings.genesys import EVENT_SOURCES
 
 logger = logging.getLogger("conversations.stream_events")
 
@@ -19,7 +20,8 @@ class Command(BaseCommand):
     help = "Consume live Genesys Cloud conversation events and store them (runs until SIGTERM/SIGINT)."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--source", choices=["sse"], help="event source (default: GENESYS_EVENT_SOURCE)")
+        parser.add_argument("--source", choices=list(EVENT_SOURCES),
+                            help="event source (default: GENESYS_EVENT_SOURCE)")
         parser.add_argument("--max-events", type=int, help="exit after this many events (rejects included) commit")
 
     def handle(self, *args: Any, **options: Any) -> None:
