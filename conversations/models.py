@@ -67,17 +67,24 @@ class Event(models.Model):
 
     dedupe_key = models.CharField(max_length=64, unique=True)
     sse_id = models.CharField(max_length=200, blank=True, default="")
-    kind = models.CharField(max_length=16, choices=[(k.value, k.value) for k in EventKind], db_index=True)
-    event_type = models.CharField(max_length=200, db_index=True)
-    conversation_id = models.CharField(max_length=64, db_index=True)
+    kind = models.CharField(max_length=16, choices=[(k.value, k.value) for k in EventKind])
+    event_type = models.CharField(max_length=200)
+    conversation_id = models.CharField(max_length=64)
     occurred_at = models.DateTimeField(db_index=True)
     received_at = models.DateTimeField(db_index=True)
-    source = models.CharField(max_length=32, db_index=True)
+    source = models.CharField(max_length=32)
     payload = models.JSONField()
 
     class Meta:
         ordering = ["-occurred_at"]
-        indexes = [models.Index(fields=["conversation_id", "occurred_at"], name="event_conversation_time")]
+        # Every index costs each insert; these are the ones the admin, the history and pruning read (each
+        # filter's index also serves the newest-first order). See migration 0007_event_indexes.
+        indexes = [
+            models.Index(fields=["conversation_id", "occurred_at"], name="event_conversation_time"),
+            models.Index(fields=["kind", "occurred_at"], name="event_kind_time"),
+            models.Index(fields=["source", "occurred_at"], name="event_source_time"),
+            models.Index(fields=["event_type", "occurred_at"], name="event_type_time"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.event_type} {self.conversation_id} @ {self.occurred_at:%Y-%m-%d %H:%M:%S}"

@@ -1,23 +1,23 @@
 """Analytics conversation records (the details query, for backfill) -> typed events with source "backfill".
 
 A record is a whole conversation as Genesys stored it (../shared/genesys/README.md, section 5): participants,
-their sessions, and each session's segments (`interact`, `ivr`, `alert`, `dialing`, `hold`, `wrapup`, ...). It has
-no lifecycle type; like a Notifications snapshot, the lifecycle is derived, and the times are stated explicitly:
+their sessions, and each session's segments (`interact`, `ivr`, `alert`, `dialing`, `hold`, `wrapup`, ...).
+It has no lifecycle type: as for a Notifications snapshot, the lifecycle is derived, with explicit times:
 
-* started_at   = conversationStart
-* ended_at     = when the customers (external parties) left: the end of their last segment; without any,
-                 conversationEnd. Agents leaving (transfer, reject) is not the end.
+* started_at    = conversationStart
+* ended_at      = when the customers (external parties) left: the end of their last segment; without any,
+                  conversationEnd. Agents leaving (transfer, reject) is not the end.
 * wrapped_up_at = the end of the last completed `wrapup` segment (one with a wrapUpCode), once no agent's
-                 after-call work is still open
-* kind: wrapup | end | start (no agent connected yet) | update; the record's own time is the latest it states.
+                  after-call work is still open
+* kind: wrapup | end | start (no agent connected yet) | update; the record's time is the latest it states.
 
-Facts follow the same rules as the live sources, so a backfilled conversation ends in the state the stream would
-have given it: media, direction, ANI and DNIS from the customer's session; the queue of the latest connected
-agent, else of the latest ACD leg; that agent's id and name; the wrap-up code and note of the latest agent who has
+Facts follow the live sources' rules, so a backfilled conversation ends in the state the stream would have
+given it: media, direction, ANI and DNIS from the customer's session; the queue of the latest connected agent,
+else of the latest ACD leg; that agent's id and name; the wrap-up code and note of the latest agent who has
 one; names of queues and wrap-up codes through `Names` (the records carry ids only).
 
-Each record is one event, its dedupe key the hash of the record: fetching the same record twice stores it once,
-and a record fetched again later with more in it is a new event that folds into the same state.
+Each record is one event, its dedupe key the hash of the record: fetching the same record twice stores it
+once, and a record fetched again later with more in it is a new event that folds into the same state.
 """
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ def parties(record: dict[str, Any]) -> list[Party]:
 
 def _party(raw: dict[str, Any]) -> Party:
     sessions = tuple(s for s in raw.get("sessions") or () if isinstance(s, dict))
-    segments = [_segment(seg) for session in sessions for seg in session.get("segments") or () if isinstance(seg, dict)]
+    segments = [_segment(raw_segment) for session in sessions for raw_segment in session.get("segments") or ()
+                if isinstance(raw_segment, dict)]
     segments.sort(key=lambda s: (s.start is None, s.start or datetime.min))
     return Party(raw=raw, sessions=sessions, segments=tuple(segments))
 
@@ -183,6 +184,28 @@ def record_time(record: dict[str, Any], people: list[Party]) -> datetime:
     return max(_times(record, people))
 
 
+def last_activity(record: dict[str, Any], people: list[Party]) -> datetime | None:
+    """When the record's last segment ended; None while the conversation goes on (a segment is still open)."""
+    segments = [s for p in people for s in p.segments]
+    if any(not s.closed for s in segments) or (not segments and not record.get("conversationEnd")):
+        return None
+    return record_time(record, people)
+
+
+def overlaps(record: Any, since: datetime, until: datetime) -> bool:
+    """Did the conversation live in [since, until]: started before `until`, and not over before `since`?
+
+    A record that cannot be read is kept: the normalizer stores it as a reject, with its raw text.
+    """
+    try:
+        started = parse_time(record.get("conversationStart"), field="conversationStart")
+        people = parties(record)
+        last = last_activity(record, people)
+    except (PayloadError, AttributeError):
+        return True
+    return started <= until and (last is None or last >= since)
+
+
 def record_lifecycle(record: dict[str, Any], people: list[Party]) -> Lifecycle:
     started_at = parse_time(record.get("conversationStart"), field="conversationStart")
     ended_at = conversation_end(record, people)
@@ -210,7 +233,7 @@ def conversation_end(record: dict[str, Any], people: list[Party]) -> datetime | 
 
 
 def conversation_wrapup(people: list[Party]) -> datetime | None:
-    """Wrapped up once some agent finished its wrap-up and none has after-call work open; at the last one's end."""
+    """Wrapped up once an agent finished its wrap-up and none has after-call work open; at the last end."""
     agents = [p for p in people if p.purpose == "agent"]
     if any(agent.wrapup_pending() for agent in agents):
         return None
@@ -259,10 +282,10 @@ def _queue_facts(people: list[Party], *, names: Names) -> dict[str, Any]:
     """The queue of the latest connected agent, else of the latest ACD leg."""
     agents = [p for p in people if p.purpose == "agent" and p.queue_id]
     acds = [p for p in people if p.purpose == "acd" and p.queue_id]
-    holder = (_by_connected(agents) or _by_connected(acds) or [None])[-1]
-    if holder is None or holder.queue_id is None:
+    holders = _by_connected(agents) or _by_connected(acds)
+    queue_id = holders[-1].queue_id if holders else None
+    if queue_id is None:
         return {}
-    queue_id = holder.queue_id
     acd_name = next((str(p.raw["participantName"]) for p in acds
                      if p.queue_id == queue_id and p.raw.get("participantName")), None)
     return {"queue_id": queue_id, "queue_name": names.queue_name(queue_id) or acd_name}

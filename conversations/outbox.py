@@ -28,7 +28,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from conversations import hooks
+from conversations import bulk, hooks
 from conversations.events import STATE_RANK, ConversationState
 from conversations.models import Conversation, HookDelivery
 
@@ -41,6 +41,7 @@ Status = HookDelivery.Status
 # Which trigger fires when a conversation reaches (or jumps past) which state.
 TRIGGER_STATES = (("end", ConversationState.ENDED), ("wrapup", ConversationState.WRAPPED_UP))
 MAX_ERROR_CHARS = 2000
+ENQUEUE_CHUNK = 1000  # delivery ids per deliver_hooks message
 LOST_ERROR = "WorkerLost: the worker running the last attempt died (its claim expired)"
 
 
@@ -61,26 +62,41 @@ def triggers_for(old_state: str, new_state: str) -> list[str]:
 def create_deliveries(
     *, conversations: dict[str, Conversation], transitions: Sequence[Transition]
 ) -> list[HookDelivery]:
-    """Write the deliveries these transitions call for; returns only the rows this call created."""
+    """Write the deliveries these transitions call for; returns only the rows this call created.
+
+    One INSERT ... ON CONFLICT DO NOTHING RETURNING: the database says which rows are new, so a delivery that
+    another batch (or another worker) already wrote is neither written nor returned twice.
+    """
     configured = {trigger: hooks.hooks_for(trigger) for trigger, _ in TRIGGER_STATES}
-    rows = [
-        HookDelivery(conversation=conversations[t.conversation_id], trigger=trigger, hook=hook,
-                     idempotency_key=idempotency_key(t.conversation_id, trigger, hook))
+    wanted = sorted(  # a stable order: two workers writing the same rows lock them in the same order
+        (idempotency_key(t.conversation_id, trigger, hook), t.conversation_id, trigger, hook)
         for t in transitions
         for trigger in triggers_for(t.old_state, t.new_state)
         for hook in configured[trigger]
-    ]
-    if not rows:
-        return []
-    keys = {row.idempotency_key for row in rows}
-    existing = set(
-        HookDelivery.objects.filter(idempotency_key__in=keys).values_list("idempotency_key", flat=True)
     )
-    HookDelivery.objects.bulk_create(rows, ignore_conflicts=True)
-    created = list(HookDelivery.objects.filter(idempotency_key__in=keys - existing).order_by("pk"))
+    if not wanted:
+        return []
+    now = timezone.now()
+    inserted = bulk.insert_ignore(
+        table=HookDelivery._meta.db_table, columns=DELIVERY_COLUMNS,
+        rows=[(conversations[cid].pk, trigger, hook, Status.PENDING.value, key, 0, now, "")
+              for key, cid, trigger, hook in wanted],
+        conflict=["idempotency_key"], returning=["id", "idempotency_key"],
+    )
+    ids = {key: pk for pk, key in inserted}
+    created = [
+        HookDelivery(pk=ids[key], conversation=conversations[cid], trigger=trigger, hook=hook,
+                     status=Status.PENDING, idempotency_key=key, attempts=0, created_at=now)
+        for key, cid, trigger, hook in wanted if key in ids
+    ]
+    created.sort(key=lambda delivery: delivery.pk)
     logger.info("outbox: %d hook deliveries written for %d transitions (%d already existed)",
-                len(created), len(transitions), len(existing))
+                len(created), len(transitions), len(wanted) - len(created))
     return created
+
+
+DELIVERY_COLUMNS = ("conversation_id", "trigger", "hook", "status", "idempotency_key", "attempts", "created_at",
+                    "last_error")
 
 
 # -- sending ids to Celery (after commit) --------------------------------------------------------------
@@ -94,24 +110,42 @@ def enqueue_after_commit(deliveries: Iterable[HookDelivery]) -> None:
 
 
 def enqueue(delivery_ids: Sequence[int]) -> int:
-    """Send one task per id. A broker that is down is logged, not raised: the sweeper re-sends later."""
-    from conversations.tasks import deliver_hook  # tasks import this module
+    """Send the ids to Celery in one message per ENQUEUE_CHUNK ids (a `deliver_hooks` task, which the Celery
+    worker fans out into one `deliver_hook` task per id): the process that committed pays one broker round
+    trip per batch, not one per delivery. A broker that is down is logged, not raised: the sweeper re-sends."""
+    from conversations.tasks import deliver_hooks  # tasks import this module
 
     if not delivery_ids:
         return 0
     announce_mode()
     sent: list[int] = []
-    for pk in delivery_ids:
+    for start in range(0, len(delivery_ids), ENQUEUE_CHUNK):
+        chunk = list(delivery_ids[start:start + ENQUEUE_CHUNK])
         try:
-            deliver_hook.apply_async((pk,))
+            deliver_hooks.apply_async((chunk,))
         except (BrokerError, OSError) as exc:
             logger.warning("outbox: broker unreachable, %d of %d hook deliveries not sent (%s); the sweeper "
                            "will re-send them", len(delivery_ids) - len(sent), len(delivery_ids), exc)
             break
-        sent.append(pk)
+        sent.extend(chunk)
     if sent:
         HookDelivery.objects.filter(pk__in=sent, enqueued_at__isnull=True).update(enqueued_at=timezone.now())
     return len(sent)
+
+
+def fan_out(delivery_ids: Sequence[int]) -> int:
+    """Run by the `deliver_hooks` task on a Celery worker: one `deliver_hook` task per id, so each delivery
+    keeps its own claim, time limit and retries. A broker failure here is left to the sweeper, like above."""
+    from conversations.tasks import deliver_hook
+
+    for count, pk in enumerate(delivery_ids):
+        try:
+            deliver_hook.apply_async((pk,))
+        except (BrokerError, OSError) as exc:
+            logger.warning("outbox: broker unreachable while fanning out, %d of %d hook deliveries not sent (%s); "
+                           "the sweeper will re-send them", len(delivery_ids) - count, len(delivery_ids), exc)
+            return count
+    return len(delivery_ids)
 
 
 _announced = False

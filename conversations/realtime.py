@@ -175,6 +175,8 @@ class Publisher:
         if self.loop.is_running():
             future = asyncio.run_coroutine_threadsafe(self.aclose(), self.loop)
             future.result(timeout)
+        elif not self.loop.is_closed():  # a server's loop that has stopped: finish the flushing task on it
+            self.loop.run_until_complete(self.aclose())
         if self._thread is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout)

@@ -1,7 +1,7 @@
 """Feed rejected input through the pipeline again, after a fix to the normalizer.
 
 A reject keeps the raw text exactly as it arrived. Reprocessing runs that text through the same road as live
-input -- `normalize_sse` then `services.ingest_batch` with the reject's own source -- so a reject that parses
+input -- the normalizer of its source, then `services.ingest_batch` with that source -- so a reject that parses
 now becomes an ordinary event (derived state, signals and post-call hooks included).
 
 Decisions:
@@ -25,16 +25,33 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import orjson
 from django.db.models import QuerySet
 
 from conversations import services
 from conversations.events import Reject, TypedEvent
 from conversations.models import RejectedEvent
 from conversations.normalize import normalize_sse
+from conversations.normalize_analytics import normalize_conversation
+from conversations.normalize_notifications import normalize_notification
 
 logger = logging.getLogger(__name__)
 
-Outcome = TypedEvent | Reject | None
+Outcome = list[TypedEvent | Reject]
+
+
+def renormalize(reject: RejectedEvent) -> Outcome:
+    """The raw text through the current normalizer of the source it came from."""
+    if reject.source == "notifications":
+        return normalize_notification(reject.raw)
+    if reject.source == "backfill":
+        try:
+            record = orjson.loads(reject.raw)
+        except orjson.JSONDecodeError as exc:
+            return [Reject(source=reject.source, raw=reject.raw, error=f"JSONDecodeError: {exc}")]
+        return [normalize_conversation(record)]
+    outcome = normalize_sse(reject.raw, sse_id=reject.sse_id or None, source=reject.source)
+    return [] if outcome is None else [outcome]
 
 
 @dataclass
@@ -56,9 +73,10 @@ def reprocess_rejects(rejects: Iterable[RejectedEvent]) -> ReprocessResult:
         if reject.reprocessed_at is not None:
             result.skipped += 1
             continue
-        outcome = normalize_sse(reject.raw, sse_id=reject.sse_id or None, source=reject.source)
-        if isinstance(outcome, Reject):
-            reject.error = outcome.error
+        outcome = renormalize(reject)
+        still = [item for item in outcome if isinstance(item, Reject)]
+        if still:
+            reject.error = still[0].error
             failing.append(reject)
         else:
             parsed[reject.source].append((reject, outcome))
@@ -77,7 +95,7 @@ def reprocess_pending(queryset: QuerySet[RejectedEvent], *, limit: int) -> Repro
 
 
 def ingest_group(source: str, group: list[tuple[RejectedEvent, Outcome]], result: ReprocessResult) -> None:
-    events = [outcome for _, outcome in group if isinstance(outcome, TypedEvent)]
+    events = [item for _, outcome in group for item in outcome if isinstance(item, TypedEvent)]
     new = duplicates = 0
     if events:
         batch = services.ingest_batch(events=events, source=source)

@@ -24,6 +24,13 @@ def deliver_hook(delivery_id: int) -> str:
     return outbox.run_delivery(delivery_id)
 
 
+@shared_task(name="conversations.deliver_hooks", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def deliver_hooks(delivery_ids: list[int]) -> int:
+    """One committed batch's deliveries, sent by the ingest worker as one message: fanned out here into one
+    deliver_hook task per id (sending twice is harmless: each delivery is claimed once)."""
+    return outbox.fan_out(delivery_ids)
+
+
 @shared_task(name="conversations.sweep_hook_deliveries", ignore_result=True, time_limit=120)
 def sweep_hook_deliveries() -> dict[str, int]:
     """Run by celery beat every HOOK_SWEEP_INTERVAL seconds."""

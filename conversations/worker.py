@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.management.base import CommandError
 
 from conversations import metrics, outbox, realtime, services
+from conversations.backfill import GapFiller
 from conversations.connections import ConnectionRecorder
 from conversations.genesys.auth import TokenProvider
 from conversations.genesys.backoff import Backoff
@@ -135,8 +136,10 @@ class Worker:
 
     def consume(self, config: GenesysSettings, *, lease: Lease, max_events: int | None) -> Totals:
         recorder = ConnectionRecorder()
+        # Hears every (re)connect too, and backfills the gap before it onto this pipeline (backfill.py).
+        gaps = GapFiller.for_worker(self.source_name, stop=self.stop)
         # Built once the lease is ours: the checkpoint to resume from is the one the previous holder left.
-        source = build_source(self.source_name, config, stop=self.stop, on_connection=recorder)
+        source = build_source(self.source_name, config, stop=self.stop, on_connection=gaps.tee(recorder))
         beat = Heartbeat(source_name=self.source_name, stats=source.stats)
         pipeline = Pipeline(
             source_name=self.source_name,
@@ -150,7 +153,8 @@ class Worker:
                     self.source_name, config.api_url, source.last_event_id or "(none)")
         reader = pipeline.start_reader(source_envelopes(source))
         metrics.serve_worker_metrics()
-        with recorder.running():  # connection history is written until the source has closed its connections
+        # Connection history is written until the source has closed its connections; gaps are filled meanwhile.
+        with recorder.running(), gaps.running(pipeline):
             try:
                 with beat.running():
                     totals = pipeline.run(stop=self.stop, max_events=max_events)

@@ -2,9 +2,9 @@
 
 `POST {api}/api/v2/analytics/conversations/details/query` (../shared/genesys/README.md, section 5) with
 `{"interval": "START/END", "paging": {"pageSize": 100, "pageNumber": N}, "order": "asc", "orderBy":
-"conversationStart"}` answers `{"conversations": [...], "totalHits": N}` (`conversations` is absent on an empty
-page). An interval spans at most 7 days, so a longer window is split; pages shift while data arrives, so a row can
-come twice: every conversation is handed out once per query, the first time it is seen.
+"conversationStart"}` answers `{"conversations": [...], "totalHits": N}` (`conversations` is absent on an
+empty page). An interval spans at most 7 days, so a longer window is split; pages shift while data arrives, so
+a row can come twice: every conversation is handed out once per query, the first time it is seen.
 
 Errors are classified like the other Genesys clients: 429, 408, 5xx and network failures are transient and
 retried here (Retry-After honoured, else capped exponential backoff with jitter) up to `max_attempts` tries;
@@ -44,7 +44,9 @@ def iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
-def intervals(since: datetime, until: datetime, *, longest: timedelta = MAX_INTERVAL) -> list[tuple[datetime, datetime]]:
+def intervals(
+    since: datetime, until: datetime, *, longest: timedelta = MAX_INTERVAL
+) -> list[tuple[datetime, datetime]]:
     """[since, until) cut into consecutive intervals of at most `longest`, oldest first."""
     if until <= since:
         return []
@@ -114,9 +116,11 @@ class AnalyticsApi:
         while True:
             body = self.query_page(interval, number)
             rows = [c for c in body.get("conversations") or () if isinstance(c, dict)]
-            total = body.get("totalHits") if isinstance(body.get("totalHits"), int) else len(rows)
+            hits = body.get("totalHits")
+            total = hits if isinstance(hits, int) else len(rows)
             fresh = [c for c in rows if _first_sight(c, seen)]
-            yield Page(interval=interval, number=number, conversations=fresh, rows=len(rows), total_hits=total)
+            yield Page(interval=interval, number=number, conversations=fresh, rows=len(rows),
+                       total_hits=total)
             if len(rows) < self.page_size or number * self.page_size >= total:
                 return
             number += 1
@@ -137,8 +141,10 @@ class AnalyticsApi:
                 raise
             except TransientError as exc:
                 if backoff.attempts + 1 >= self.max_attempts:
-                    raise TransientError(f"analytics query for {body['interval']} page {number} still failing after "
-                                         f"{self.max_attempts} tries: {exc}", retry_after=exc.retry_after) from exc
+                    raise TransientError(
+                        f"analytics query for {body['interval']} page {number} still failing after "
+                        f"{self.max_attempts} tries: {exc}", retry_after=exc.retry_after,
+                    ) from exc
                 self._wait(backoff.next_delay(exc.retry_after), reason=str(exc), attempt=backoff.attempts)
 
     def _wait(self, delay: float, *, reason: str, attempt: int) -> None:
@@ -178,14 +184,16 @@ class AnalyticsApi:
         detail = _detail(response)
         if status in (408, 429) or status >= 500:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            raise TransientError(f"POST {DETAILS_QUERY_PATH} answered {status} {detail}", retry_after=retry_after)
+            raise TransientError(f"POST {DETAILS_QUERY_PATH} answered {status} {detail}",
+                                 retry_after=retry_after)
         if status == 403:
             raise FatalSourceError(
                 f"Genesys refused the analytics details query (403 {detail}); the OAuth client's role needs "
                 "analytics:conversationDetail:view for backfill"
             )
-        raise FatalSourceError(f"the analytics details query failed: POST {DETAILS_QUERY_PATH} answered {status} "
-                               f"{detail}")
+        raise FatalSourceError(
+            f"the analytics details query failed: POST {DETAILS_QUERY_PATH} answered {status} {detail}"
+        )
 
     def _json(self, response: requests.Response) -> dict[str, Any]:
         try:

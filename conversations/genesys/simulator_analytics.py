@@ -1,16 +1,16 @@
 """The simulator's analytics conversation details query: `POST /api/v2/analytics/conversations/details/query`.
 
-The contract is /work/shared/genesys/README.md section 5; shapes follow the platform SDK's AnalyticsConversation,
-AnalyticsParticipant, AnalyticsSession and AnalyticsConversationSegment models (camelCase, lowercase enums,
-ISO times with milliseconds and Z, absent rather than null when unknown).
+The contract is /work/shared/genesys/README.md section 5; shapes follow the platform SDK's models
+AnalyticsConversation, AnalyticsParticipant, AnalyticsSession and AnalyticsConversationSegment (camelCase,
+lowercase enums, ISO times with milliseconds and Z, absent rather than null when unknown).
 
 Two parts:
 - rendering: the latest SSE lifecycle payload of a conversation -> its analytics record
-  (`analytics_conversation`). It reads the payload through the same `_Moment` the Notifications rendering uses,
+  (`analytics_conversation`). It reads the payload through the same `_Moment` as the Notifications rendering,
   so the three wires tell one story: the same start, end and wrap-up times, queue, media, direction, numbers,
   agent and wrap-up code.
-- `AnalyticsStore`: every conversation the simulator generated (the Simulator records each lifecycle payload it
-  appends, whether or not a socket or stream was there to hear it), the fault knobs and the stats; and
+- `AnalyticsStore`: every conversation the simulator generated (the Simulator records each lifecycle payload
+  it appends, whether or not a socket or stream was there to hear it), the fault knobs and the stats; and
   `AnalyticsRoutes`, the endpoint on the SimulatorServer's aiohttp app.
 
 Record shape, per participant (`purpose` customer | ivr | acd | agent) one session with segments:
@@ -22,9 +22,9 @@ Record shape, per participant (`purpose` customer | ivr | acd | agent) one sessi
     rejecting  alert (offered -> rejected), queueId, disconnectType endpoint; never interact
 `conversationEnd` is when the customer left (the last agent's after-call work may run past it).
 
-Query semantics: a conversation is returned when it overlaps the interval: it started before the interval's end,
-and it is not over yet or its last segment ended at or after the interval's start (so a conversation that ended
-before the interval but was wrapped up inside it is returned). The real platform selects by the day the
+Query semantics: a conversation is returned when it overlaps the interval: it started before the interval's
+end, and it is not over yet or its last segment ended at or after the interval's start (so a conversation that
+ended before the interval but was wrapped up inside it is returned). The real platform selects by the day the
 conversation started instead; the client filters to the window either way.
 """
 from __future__ import annotations
@@ -61,7 +61,9 @@ DIRECTIONS = ("asc", "desc")
 def analytics_conversation(payload: dict[str, Any]) -> dict[str, Any]:
     """The AnalyticsConversation Genesys would answer for this conversation at this payload's moment."""
     moment = Moment(payload)
-    record: dict[str, Any] = {"conversationId": moment.conversation_id, "conversationStart": moment.started_at}
+    record: dict[str, Any] = {
+        "conversationId": moment.conversation_id, "conversationStart": moment.started_at,
+    }
     if moment.ended_at:
         record["conversationEnd"] = moment.ended_at
     record["originatingDirection"] = moment.direction
@@ -98,7 +100,8 @@ def _segments(moment: Moment, raw: dict[str, Any]) -> list[dict[str, Any]]:
     purpose, connected, ended = raw.get("purpose"), raw.get("connectedTime"), raw.get("endTime")
     queue = {"queueId": raw["queueId"]} if raw.get("queueId") else {}
     if purpose == "agent" and not connected:
-        return [_segment("alert", _offered_at(moment), ended, disconnect="endpoint" if ended else None, **queue)]
+        rejected = "endpoint" if ended else None
+        return [_segment("alert", _offered_at(moment), ended, disconnect=rejected, **queue)]
     if purpose == "customer" and (not connected or connected > moment.started_at):
         dialing = _segment("dialing", moment.started_at, connected or ended,
                            disconnect=None if connected or not ended else "endpoint")
@@ -129,7 +132,9 @@ def _wrapup_segment(moment: Moment, ended: str, queue: dict[str, str]) -> dict[s
     return segment
 
 
-def _segment(kind: str, start: str, end: str | None, *, disconnect: str | None = None, **extra: str) -> dict[str, Any]:
+def _segment(
+    kind: str, start: str, end: str | None, *, disconnect: str | None = None, **extra: str
+) -> dict[str, Any]:
     segment: dict[str, Any] = {"segmentStart": start}
     if end:
         segment["segmentEnd"] = end
@@ -209,7 +214,7 @@ class AnalyticsStats:
 @dataclass
 class _Entry:
     payload: dict[str, Any]
-    rank: tuple[str, int]
+    rank: tuple[datetime, int]
     rendered: dict[str, Any] | None = None
 
 
@@ -228,10 +233,13 @@ class AnalyticsStore:
         self._stats = AnalyticsStats()
 
     def record(self, payload: Any) -> None:
-        """Keep a lifecycle payload if it is its conversation's newest (duplicates and late ones change nothing)."""
+        """Keep a lifecycle payload if it is its conversation's newest (not a duplicate, not a late one)."""
         if not is_lifecycle(payload) or not isinstance(payload.get("timestamp"), str):
             return
-        rank = (payload["timestamp"], EVENT_ORDER.index(payload["eventType"]))
+        try:
+            rank = (parse_time(payload["timestamp"]), EVENT_ORDER.index(payload["eventType"]))
+        except ValueError:
+            return  # not a moment the analytics record can say anything about
         with self._lock:
             entry = self._entries.get(payload["conversationId"])
             if entry is not None and entry.rank >= rank:
@@ -261,7 +269,7 @@ class AnalyticsStore:
             return {}
 
     def answer(self, query: Query) -> dict[str, Any]:
-        """One page of the records overlapping the interval; `conversations` is absent when empty, as Genesys does."""
+        """A page of the records overlapping the interval (no `conversations` key when empty, as Genesys)."""
         matching = sorted((r for r in self.conversations() if overlaps(r, query.start, query.end)),
                           key=lambda r: _sort_key(r, query.order_by), reverse=query.descending)
         first = (query.page_number - 1) * query.page_size
@@ -309,7 +317,11 @@ class AnalyticsRoutes:
     """`POST /api/v2/analytics/conversations/details/query` on the simulator's app."""
 
     def __init__(
-        self, store: AnalyticsStore, *, authorized: Callable[[web.Request], bool], error: Callable[..., web.Response]
+        self,
+        store: AnalyticsStore,
+        *,
+        authorized: Callable[[web.Request], bool],
+        error: Callable[..., web.Response],
     ) -> None:
         self.store = store
         self._authorized = authorized
@@ -321,22 +333,28 @@ class AnalyticsRoutes:
     async def query(self, request: web.Request) -> web.Response:
         raw = await request.read()
         response = self._answer(request, raw)
-        body = _json_or_none(raw)
-        self.store.record_stats(lambda s: (s.queries.append(body), s.statuses.append(response.status)))
+        self.store.record_stats(lambda stats: _count_query(stats, _json_or_none(raw), response.status))
         return response
 
     def _answer(self, request: web.Request, raw: bytes) -> web.Response:
         failure = self.store.take_failure()
         if failure is not None:
             logger.info("simulator answering an analytics query with %d (fail_next)", failure.status)
-            return self._error(failure.status, retry_after=failure.retry_after, message=_message(failure.status))
+            return self._error(failure.status, retry_after=failure.retry_after,
+                               message=_message(failure.status))
         if not self._authorized(request):
             return self._error(401)
         try:
             query = parse_query(_json_or_none(raw), store=self.store)
         except QueryError as exc:
             return self._error(400, message=str(exc))
-        return web.Response(status=200, body=orjson.dumps(self.store.answer(query)), content_type="application/json")
+        body = orjson.dumps(self.store.answer(query))
+        return web.Response(status=200, body=body, content_type="application/json")
+
+
+def _count_query(stats: AnalyticsStats, body: Any, status: int) -> None:
+    stats.queries.append(body)
+    stats.statuses.append(status)
 
 
 def _message(status: int) -> str | None:

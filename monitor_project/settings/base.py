@@ -109,6 +109,8 @@ REDIS_URL = env.str("REDIS_URL", default="")
 # No broker (the demo, the SQLite tests): tasks run in-process, in the process that committed the batch.
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="") or REDIS_URL
 CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
+if CELERY_TASK_ALWAYS_EAGER:
+    CELERY_BROKER_URL = "memory://"  # never used; keeps kombu from guessing a broker on localhost
 CELERY_TASK_EAGER_PROPAGATES = False
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SERIALIZER = "json"
@@ -197,6 +199,14 @@ SSE_READ_TIMEOUT = env.float("SSE_READ_TIMEOUT", default=90.0)
 SSE_BACKOFF_MAX = env.float("SSE_BACKOFF_MAX", default=60.0)
 # One active consumer per source: the lease a worker holds and renews; a standby takes over when it expires.
 STREAM_LEASE_SECONDS = env.float("STREAM_LEASE_SECONDS", default=10.0)
+# Gap backfill (conversations/backfill.py): after the Notifications source (re)connects, the gap in its connection
+# history (downtime, a reconnect, an eviction) is fetched again from the analytics details query, padded by the
+# margin on each side, once the delay has passed (analytics records lag the live events by up to a minute).
+# Gaps longer than the maximum are backfilled for their most recent part; `manage.py backfill` does the rest.
+GENESYS_BACKFILL_ON_GAP = env.bool("GENESYS_BACKFILL_ON_GAP", default=True)
+GENESYS_BACKFILL_MARGIN = env.float("GENESYS_BACKFILL_MARGIN", default=60.0)
+GENESYS_BACKFILL_DELAY = env.float("GENESYS_BACKFILL_DELAY", default=60.0)
+GENESYS_BACKFILL_MAX_GAP = env.float("GENESYS_BACKFILL_MAX_GAP", default=7 * 24 * 3600.0)
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {

@@ -64,13 +64,16 @@ class Command(BaseCommand):
         except OSError as exc:
             raise CommandError(f"cannot start the simulator on port {options['sim_port']}: {exc}") from exc
         with sim_server:
-            self._feed(sim, history=options["history"], rate=options["rate"])
             settings.GENESYS = replace(settings.GENESYS, client_id=sim.client_id, client_secret=sim.client_secret,
                                        api_url=sim_server.url, login_url=sim_server.url)
             realtime.install_publisher(loop=twisted_loop)
             stop = threading.Event()
             worker = threading.Thread(target=self._ingest, args=(stop,), name="ingest-worker", daemon=True)
             worker.start()
+            # The Notifications API only delivers to a subscribed socket (as on a real org): wait for it.
+            if settings.GENESYS.event_source == "notifications":
+                _wait_for_subscription(sim)
+            self._feed(sim, history=options["history"], rate=options["rate"])
             try:
                 self._serve(Server, application, options, sim_server.url)
             finally:
@@ -85,7 +88,7 @@ class Command(BaseCommand):
     def _ingest(self, stop: threading.Event) -> None:
         """The worker thread: read and commit until stopped; a fatal error ends the demo."""
         try:
-            Worker(source_name="sse", stop=stop).run()
+            Worker(source_name=settings.GENESYS.event_source, stop=stop).run()
         except CommandError as exc:
             logger.error("the ingest worker stopped: %s", exc)
             self.stderr.write(f"the ingest worker stopped: {exc}")
@@ -157,3 +160,13 @@ def _stop_reactor() -> None:
     from twisted.internet import reactor
 
     reactor.callFromThread(reactor.stop)
+
+
+def _wait_for_subscription(sim: Simulator, timeout: float = 15.0) -> None:
+    hub = sim.notifications
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(hub.topics(channel) for channel in hub.channel_ids()):
+            return
+        time.sleep(0.05)
+    logger.warning("the Notifications worker has not subscribed after %.0f s; generating anyway", timeout)
