@@ -22,9 +22,10 @@ from typing import Any
 
 import requests
 
+from conversations.genesys import rest
 from conversations.genesys.auth import TokenProvider
-from conversations.genesys.backoff import Backoff, parse_retry_after
-from conversations.genesys.errors import FatalSourceError, TransientError, error_detail, short_reason
+from conversations.genesys.backoff import Backoff
+from conversations.genesys.errors import TransientError, short_reason
 
 logger = logging.getLogger(__name__)
 
@@ -156,17 +157,12 @@ class AnalyticsApi:
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         """The page's JSON; a 401 gets one new token and one more try."""
-        response = self._request(body)
-        if response.status_code == 401:
-            logger.warning("analytics: the details query answered 401; renewing the token and retrying once")
-            self.tokens.invalidate()
-            response = self._request(body)
-            if response.status_code == 401:
-                raise FatalSourceError(
-                    f"Genesys refused a freshly issued token for the analytics details query (401 "
-                    f"{_detail(response)}); check the OAuth client, the region and the API URL"
-                )
-        return self._json(self._checked(response))
+        what = f"the analytics details query (POST {DETAILS_QUERY_PATH})"
+        response = rest.renewing_once(lambda: self._request(body), tokens=self.tokens, what=what)
+        return self._json(rest.checked(
+            response, what=what,
+            forbidden="the OAuth client's role needs analytics:conversationDetail:view for backfill",
+        ))
 
     def _request(self, body: dict[str, Any]) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.tokens.token()}", "Accept": "application/json"}
@@ -176,24 +172,6 @@ class AnalyticsApi:
                                       timeout=self._timeout)
         except requests.RequestException as exc:
             raise TransientError(f"POST {DETAILS_QUERY_PATH} failed ({short_reason(exc)})") from exc
-
-    def _checked(self, response: requests.Response) -> requests.Response:
-        status = response.status_code
-        if 200 <= status < 300:
-            return response
-        detail = _detail(response)
-        if status in (408, 429) or status >= 500:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            raise TransientError(f"POST {DETAILS_QUERY_PATH} answered {status} {detail}",
-                                 retry_after=retry_after)
-        if status == 403:
-            raise FatalSourceError(
-                f"Genesys refused the analytics details query (403 {detail}); the OAuth client's role needs "
-                "analytics:conversationDetail:view for backfill"
-            )
-        raise FatalSourceError(
-            f"the analytics details query failed: POST {DETAILS_QUERY_PATH} answered {status} {detail}"
-        )
 
     def _json(self, response: requests.Response) -> dict[str, Any]:
         try:
@@ -214,5 +192,3 @@ def _first_sight(conversation: dict[str, Any], seen: set[str]) -> bool:
     return True
 
 
-def _detail(response: requests.Response) -> str:
-    return error_detail(response.content or b"")

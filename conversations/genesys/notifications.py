@@ -36,10 +36,17 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from conversations.events import EventKind, Reject, TypedEvent
+from conversations.genesys import rest
 from conversations.genesys.auth import TokenProvider
-from conversations.genesys.backoff import Backoff, parse_retry_after
-from conversations.genesys.errors import FatalSourceError, TransientError, error_detail, short_reason
-from conversations.genesys.topics import DETAIL_EVENT_TYPES, TopicBudget, TopicLimitError, queue_topic, user_topic
+from conversations.genesys.backoff import Backoff
+from conversations.genesys.errors import FatalSourceError, TransientError, short_reason
+from conversations.genesys.topics import (
+    DETAIL_EVENT_TYPES,
+    TopicBudget,
+    TopicLimitError,
+    queue_topic,
+    user_topic,
+)
 from conversations.normalize import parse_time
 from conversations.normalize_notifications import (
     METADATA_TOPIC,
@@ -293,17 +300,14 @@ class NotificationsApi:
         allow_404: bool = False,
     ) -> requests.Response:
         """A response with status 2xx (or 404 when allowed); a 401 gets one new token and one more try."""
-        response = self._request(method, path, params=params, json=json)
-        if response.status_code == 401:
-            logger.warning("notifications: %s %s answered 401; renewing the token and retrying once", method, path)
-            self.tokens.invalidate()
-            response = self._request(method, path, params=params, json=json)
-            if response.status_code == 401:
-                raise FatalSourceError(
-                    f"Genesys refused a freshly issued token {what} ({method} {path}: 401 {_detail(response)}); "
-                    "check the OAuth client, the region and the API URL"
-                )
-        return self._checked(response, method=method, path=path, what=what, allow_404=allow_404)
+        label = f"{what} ({method} {path})"
+        response = rest.renewing_once(lambda: self._request(method, path, params=params, json=json),
+                                      tokens=self.tokens, what=label)
+        return rest.checked(
+            response, what=label,
+            forbidden="the OAuth client's role lacks a permission (see the README: permissions per topic family)",
+            accept=lambda status: 200 <= status < 300 or (status == 404 and allow_404),
+        )
 
     def _request(self, method: str, path: str, *, params: dict[str, Any] | None, json: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {self.tokens.token()}", "Accept": "application/json"}
@@ -312,23 +316,6 @@ class NotificationsApi:
                                          timeout=self._timeout)
         except requests.RequestException as exc:
             raise TransientError(f"{method} {path} failed ({short_reason(exc)})") from exc
-
-    def _checked(
-        self, response: requests.Response, *, method: str, path: str, what: str, allow_404: bool
-    ) -> requests.Response:
-        status = response.status_code
-        if 200 <= status < 300 or (status == 404 and allow_404):
-            return response
-        detail = _detail(response)
-        if status == 403:
-            raise FatalSourceError(
-                f"Genesys refused {what} ({method} {path}: 403 {detail}); the OAuth client's role lacks a "
-                "permission (see the README: permissions per topic family)"
-            )
-        if status in (408, 429) or status >= 500:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            raise TransientError(f"{method} {path} answered {status} {detail}", retry_after=retry_after)
-        raise FatalSourceError(f"{what} failed: {method} {path} answered {status} {detail}")
 
     def _json(self, response: requests.Response) -> dict[str, Any]:
         try:
@@ -341,10 +328,6 @@ class NotificationsApi:
     def _entities(self, response: requests.Response) -> list[Any]:
         entities = self._json(response).get("entities")
         return entities if isinstance(entities, list) else []
-
-
-def _detail(response: requests.Response) -> str:
-    return error_detail(response.content or b"")
 
 
 def _expires(body: dict[str, Any]) -> datetime | None:

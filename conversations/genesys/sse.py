@@ -18,9 +18,10 @@ from typing import Any
 import requests
 import urllib3.exceptions
 
+from conversations.genesys import rest
 from conversations.genesys.auth import TokenProvider
-from conversations.genesys.backoff import Backoff, parse_retry_after
-from conversations.genesys.errors import FatalSourceError, TransientError, error_detail, short_reason
+from conversations.genesys.backoff import Backoff
+from conversations.genesys.errors import TransientError, error_detail, short_reason
 from conversations.genesys.eventstream import SSEDecoder, SSEMessage
 from conversations.genesys.notifications import ConnectionListener, ConnectionTracker
 
@@ -148,19 +149,13 @@ class SSESource:
 
     def _open(self) -> requests.Response:
         """A 200 text/event-stream response; a 401 gets one token renewal and one more try."""
-        response = self._post()
-        if response.status_code != 401:
-            return self._checked(response)
-        detail = self._detail(response)
-        logger.warning("sse: %s answered 401 (%s); renewing the token and retrying once", self.url, detail)
-        self.tokens.invalidate()
-        response = self._post()
-        if response.status_code == 401:
-            raise FatalSourceError(
-                f"Genesys refused a freshly issued token at {self.url} (401 {self._detail(response)}); "
-                "check the OAuth client's roles, the region and the API URL"
-            )
-        return self._checked(response)
+        what = f"the event stream at {self.url}"
+        response = rest.renewing_once(self._post, tokens=self.tokens, what=what, detail=self._detail)
+        response = rest.checked(
+            response, what=what, detail=self._detail, accept=lambda status: status == 200,
+            forbidden="the OAuth client lacks a permission for analytics events",
+        )
+        return self._checked_content_type(response)
 
     def _post(self) -> requests.Response:
         headers = {
@@ -178,21 +173,6 @@ class SSESource:
             )
         except requests.RequestException as exc:
             raise TransientError(f"cannot connect to {self.url} ({short_reason(exc)})") from exc
-
-    def _checked(self, response: requests.Response) -> requests.Response:
-        status = response.status_code
-        if status == 200:
-            return self._checked_content_type(response)
-        detail = self._detail(response)
-        if status == 403:
-            raise FatalSourceError(
-                f"Genesys refused the event stream at {self.url} (403 {detail}); "
-                "the OAuth client lacks a permission for analytics events"
-            )
-        if status in (408, 429) or status >= 500:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            raise TransientError(f"{self.url} answered {status} {detail}", retry_after=retry_after)
-        raise FatalSourceError(f"{self.url} answered {status} {detail}; check the API URL and the query")
 
     def _checked_content_type(self, response: requests.Response) -> requests.Response:
         content_type = response.headers.get("Content-Type", "")
