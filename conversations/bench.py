@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 import os
 import random
@@ -21,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,12 @@ import orjson
 from django.conf import settings
 from django.db import connection, transaction
 
-from conversations import selectors, services, worker
+from conversations import metrics, outbox, realtime, selectors, services
 from conversations.events import STATE_OF_KIND
 from conversations.genesys.auth import TokenProvider
 from conversations.genesys.backoff import Backoff
 from conversations.genesys.notifications import NotificationsApi, NotificationsConfig, NotificationsSource
-from conversations.genesys.scenario import DEFAULT_START, QUEUES, WRAPUP_CODES, AGENTS, Scenario, iso
+from conversations.genesys.scenario import DEFAULT_START, Scenario, iso
 from conversations.genesys.sse import SSESource
 from conversations.leadership import Lease
 from conversations.models import Conversation, Event
@@ -155,28 +156,35 @@ class CpuSplit:
 
 
 class CpuMeter:
-    """CPU seconds of this process, our PostgreSQL backend and writers, the simulator and the machine."""
+    """CPU seconds of this process, our PostgreSQL backends and writers, the simulator and the machine.
+
+    Per process: one that ends during the run is left out (its last reading is unknown), one that starts
+    during the run counts from zero."""
 
     def __init__(self, *, simulator_pid: int | None) -> None:
         self.simulator_pid = simulator_pid
-        self.pg = postgres_pids(connection.settings_dict["NAME"])
+        self.database = connection.settings_dict["NAME"]
+        self.started = time.monotonic()
         self.start = self.sample()
 
-    def sample(self) -> dict[str, float]:
+    def sample(self) -> dict[str, dict[int, float]]:
         times = os.times()
+        pg = postgres_pids(self.database)
         return {
-            "wall": time.monotonic(),
-            "pipeline": times.user + times.system,
-            "postgres": sum(process_cpu(pid) for pid in self.pg["backend"]),
-            "pg-bg": sum(process_cpu(pid) for pid in self.pg["background"]),
-            "simulator": process_cpu(self.simulator_pid) if self.simulator_pid else 0.0,
-            "machine": machine_cpu(),
+            "pipeline": {os.getpid(): times.user + times.system},
+            "postgres": {pid: process_cpu(pid) for pid in pg["backend"]},
+            "pg-bg": {pid: process_cpu(pid) for pid in pg["background"]},
+            "simulator": {self.simulator_pid: process_cpu(self.simulator_pid)} if self.simulator_pid else {},
+            "machine": {0: machine_cpu()},
         }
 
     def stop(self) -> CpuSplit:
         end = self.sample()
-        used = {name: end[name] - self.start[name] for name in end if name != "wall"}
-        return CpuSplit(wall=end["wall"] - self.start["wall"], seconds=used)
+        used = {
+            name: sum(seconds - self.start[name].get(pid, 0.0) for pid, seconds in readings.items() if seconds)
+            for name, readings in end.items()
+        }
+        return CpuSplit(wall=time.monotonic() - self.started, seconds=used)
 
 
 def cpu_count() -> int:
@@ -304,7 +312,8 @@ def simulator(*, kind: str, events: int = 0, rate: float = 0.0, seed: int = 1) -
 @dataclass
 class PipelineRun:
     source: str
-    events: int = 0
+    events: int = 0  # committed: stored, duplicates and rejects
+    stored: int = 0
     seconds: float = 0.0
     first_id: int = 0  # the Event ids this run stored, for the COPY ceiling of the same rows
     last_id: int = 0
@@ -365,10 +374,10 @@ class Observer:
 
 def run_pipeline(
     *, sim: SimulatorProcess, source: str = "sse", max_events: int | None = None, duration: float | None = None,
-    measure_latency: bool = False, progress: Callable[[int], None] = lambda n: None,
+    measure_latency: bool = False, live: bool = False, progress: Callable[[int], None] = lambda n: None,
 ) -> PipelineRun:
-    """The real road, wired as `stream_events` wires it (the lease fence, the worker's after-commit listeners:
-    metrics, live broadcast, hook outbox on the broker): HTTP or WebSocket bytes -> decoder -> normalizer ->
+    """The real road, wired as `stream_events` wires it (the lease fence; after commit: metrics, hook ids to the
+    broker, and with `live` the live pages' broadcast): HTTP or WebSocket bytes -> decoder -> normalizer ->
     batched writes of events, derived state, hook deliveries and checkpoint."""
     run = PipelineRun(source=source, first_id=last_event_id() + 1)
     stop = threading.Event()
@@ -377,26 +386,35 @@ def run_pipeline(
     lease.try_acquire()
     pipeline = Pipeline(source_name=source, batch_size=settings.INGEST_BATCH_SIZE,
                         max_age=settings.INGEST_BATCH_MAX_AGE, queue_size=settings.INGEST_QUEUE_SIZE,
-                        after_commit=[*worker.after_commit_listeners(source), observer], guard=lease.fence)
+                        after_commit=[*listeners(source, live=live), observer], guard=lease.fence)
     reader, envelopes = ENVELOPES[source](sim.url, stop)
     reset_peak_rss()
-    meter = CpuMeter(simulator_pid=sim.pid)
-    pipeline.start_reader(envelopes)
-    if source == "notifications":
-        start_notifications(reader, sim, observer)
-    else:
-        sim.go()
-    stopper = watch(stop, observer=observer, duration=duration)
-    totals = pipeline.run(stop=stop, max_events=max_events)
-    run.cpu = meter.stop()
+    with autovacuum_stand_in():
+        meter = CpuMeter(simulator_pid=sim.pid)
+        pipeline.start_reader(envelopes)
+        if source == "notifications":
+            start_notifications(reader, sim, observer)
+        else:
+            sim.go()
+        stopper = watch(stop, observer=observer, duration=duration)
+        totals = pipeline.run(stop=stop, max_events=max_events)
+        run.cpu = meter.stop()
     run.seconds = run.cpu.wall
     run.peak_rss_mb = peak_rss_mb()
     stop.set()
     stopper.join()
     reader.close()
     lease.release()
-    run.events, run.batches, run.last_id = totals.committed, totals.batches, last_event_id()
+    run.events, run.stored, run.batches = totals.committed, totals.new_events, totals.batches
+    run.last_id = last_event_id()
     return run
+
+
+def listeners(source: str, *, live: bool) -> list[Callable[[services.BatchResult], None]]:
+    """The worker's after-commit listeners (worker.after_commit_listeners), the live broadcast only if asked."""
+    found = [metrics.batch_listener(source), *outbox.after_commit_listeners()]
+    publisher = realtime.after_commit_listener() if live else None
+    return [*found, publisher] if publisher is not None else found
 
 
 def start_notifications(source: NotificationsSource, sim: SimulatorProcess, observer: Observer) -> None:
@@ -424,6 +442,44 @@ def watch(stop: threading.Event, *, observer: Observer, duration: float | None) 
     thread = threading.Thread(target=loop, name="bench-stopper", daemon=True)
     thread.start()
     return thread
+
+
+VACUUMED_TABLES = ("conversations_conversation", "conversations_participant", "conversations_hookdelivery",
+                   "conversations_event", "conversations_streamcheckpoint", "conversations_streamlease")
+
+
+@contextmanager
+def autovacuum_stand_in(*, every: float = 15.0) -> Iterator[None]:
+    """On a server with autovacuum off (a test box), do its work: VACUUM (ANALYZE) the tables the pipeline
+    rewrites, from a connection of its own, so plans and bloat look like production's. Its CPU is counted as
+    the database's."""
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW autovacuum")
+        enabled = cursor.fetchone()[0] == "on"
+    if enabled:
+        yield
+        return
+    stop, connected = threading.Event(), threading.Event()
+
+    def loop() -> None:
+        try:
+            connection.ensure_connection()  # now, so the CPU meter finds its backend
+            connected.set()
+            while not stop.wait(every):
+                with connection.cursor() as cursor:
+                    cursor.execute(f"VACUUM (ANALYZE) {', '.join(VACUUMED_TABLES)}")
+        finally:
+            connected.set()
+            connection.close()
+
+    thread = threading.Thread(target=loop, name="bench-vacuum", daemon=True)
+    thread.start()
+    connected.wait()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def last_event_id() -> int:
@@ -498,9 +554,32 @@ SEED_COLUMNS = ("conversation_id", "state", "media_type", "direction", "queue_id
 HISTORY_DAYS = 90
 
 
+@dataclass(frozen=True)
+class Catalog:
+    """A large contact center's values, each used with a Zipf weight: a few are common, most are rare (the
+    hard case for a filtered, newest-first page)."""
+
+    ids: tuple[str, ...]
+    names: tuple[str, ...]
+    cumulative: tuple[float, ...]  # of the weights 1, 1/2, 1/3, ...
+
+    @classmethod
+    def make(cls, kind: str, count: int) -> Catalog:
+        ids = tuple(str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench:{kind}:{n}")) for n in range(count))
+        names = tuple(f"{kind} {n}" for n in range(count))
+        return cls(ids, names, tuple(itertools.accumulate(1 / (n + 1) for n in range(count))))
+
+    def pick(self, rng: random.Random) -> int:
+        return rng.choices(range(len(self.ids)), cum_weights=self.cumulative)[0]
+
+
+SEED_QUEUES, SEED_AGENTS, SEED_WRAPUPS = Catalog.make("queue", 60), Catalog.make("agent", 600), \
+    Catalog.make("wrapup", 40)
+
+
 def seed_conversations(count: int, *, seed: int = 7, progress: Callable[[int], None] = lambda n: None) -> float:
-    """COPY `count` finished and live conversations spread over HISTORY_DAYS into the conversation table, with
-    the value mix of the simulator's catalog; returns the seconds it took (ANALYZE included)."""
+    """COPY `count` finished and live conversations spread over HISTORY_DAYS into the conversation table;
+    returns the seconds it took (ANALYZE included)."""
     rng = random.Random(seed)
     now = datetime.now(UTC)
     started = time.monotonic()
@@ -519,16 +598,17 @@ def seed_conversations(count: int, *, seed: int = 7, progress: Callable[[int], N
 def seed_row(rng: random.Random, now: datetime) -> tuple:
     start = now - timedelta(seconds=rng.random() * HISTORY_DAYS * 86400)
     state = rng.choices(("wrapped_up", "ended", "active"), weights=(96, 3, 1))[0]
-    queue, agent, wrapup = rng.choice(QUEUES), rng.choice(AGENTS), rng.choice(WRAPUP_CODES)
+    queue, agent, wrapup = SEED_QUEUES.pick(rng), SEED_AGENTS.pick(rng), SEED_WRAPUPS.pick(rng)
     ended = start + timedelta(seconds=rng.uniform(30, 1200)) if state != "active" else None
     wrapped = ended + timedelta(seconds=rng.uniform(5, 90)) if state == "wrapped_up" and ended else None
-    number = f"tel:+3531{rng.randrange(10**7):07d}"
     media = rng.choices(("voice", "chat", "callback", "email"), weights=(70, 20, 8, 2))[0]
     direction = rng.choices(("inbound", "outbound"), weights=(85, 15))[0]
-    return (str(uuid.UUID(int=rng.getrandbits(128), version=4)), state, media, direction, queue.id, queue.name,
-            agent.id, agent.name, number, queue.number, wrapup.id if wrapped else "",
-            wrapup.name if wrapped else "", "", start, ended, wrapped, wrapped or ended or start, "{}", start,
-            wrapped or ended or start)
+    last = wrapped or ended or start
+    return (str(uuid.UUID(int=rng.getrandbits(128), version=4)), state, media, direction,
+            SEED_QUEUES.ids[queue], SEED_QUEUES.names[queue], SEED_AGENTS.ids[agent], SEED_AGENTS.names[agent],
+            f"tel:+3531{rng.randrange(10**7):07d}", f"tel:+3531888{queue:04d}",
+            SEED_WRAPUPS.ids[wrapup] if wrapped else "", SEED_WRAPUPS.names[wrapup] if wrapped else "", "",
+            start, ended, wrapped, last, "{}", start, last)
 
 
 @dataclass
@@ -563,9 +643,9 @@ def history_filters(rng: random.Random) -> dict[str, Callable[[], dict[str, str]
         "state": lambda: {"state": rng.choice(["active", "ended", "wrapped_up"])},
         "media": lambda: {"media": rng.choice(["voice", "chat", "callback", "email"])},
         "direction": lambda: {"direction": rng.choice(["inbound", "outbound"])},
-        "queue": lambda: {"queue": rng.choice(QUEUES).id},
-        "agent": lambda: {"agent": rng.choice(AGENTS).id},
-        "wrapup": lambda: {"wrapup": rng.choice(WRAPUP_CODES).id},
+        "queue": lambda: {"queue": rng.choice(SEED_QUEUES.ids)},
+        "agent": lambda: {"agent": rng.choice(SEED_AGENTS.ids)},
+        "wrapup": lambda: {"wrapup": rng.choice(SEED_WRAPUPS.ids)},
         "q (conversation id)": lambda: {"q": rng.choice(ids)[0]},
         "q (ANI)": lambda: {"q": rng.choice(ids)[1]},
         "from (a day)": lambda: {"from": day()},
@@ -601,19 +681,29 @@ def deep_cursor(qs: Any, rng: random.Random) -> str | None:
 # -- the database ---------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def benchmark_database(*, keep: bool) -> Iterator[str]:
-    """A fresh database beside the configured one (<name>_bench), migrated, dropped afterwards."""
+def require_postgresql() -> None:
     if connection.vendor != "postgresql":
         raise RuntimeError("bench_ingest measures against PostgreSQL: set DATABASE_URL=postgres://...")
-    old_name = connection.settings_dict["NAME"]
-    connection.settings_dict.setdefault("TEST", {})["NAME"] = f"{old_name}_bench"
+
+
+@contextmanager
+def benchmark_database(*, keep: bool) -> Iterator[str]:
+    """A fresh database beside the configured one (<name>_bench), migrated, dropped afterwards (or kept, and
+    the connection pointed back at the configured one either way)."""
+    require_postgresql()
+    test_settings = connection.settings_dict.setdefault("TEST", {})
+    old_name, old_test_name = connection.settings_dict["NAME"], test_settings.get("NAME")
+    test_settings["NAME"] = f"{old_name}_bench"
     name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
     try:
         yield name
     finally:
-        if not keep:
+        if keep:
+            connection.close()
+            connection.settings_dict["NAME"] = old_name
+        else:
             connection.creation.destroy_test_db(old_name, verbosity=0)
+        test_settings["NAME"] = old_test_name
 
 
 def require_broker() -> str:
@@ -640,8 +730,11 @@ def bench_queue() -> Iterator[str]:
     finally:
         route(app, saved)
         with app.connection_for_write() as conn:
-            conn.default_channel.queue_purge(queue)
-            conn.default_channel.queue_delete(queue)
+            channel = conn.default_channel
+            channel.queue_purge(queue)
+            channel.queue_delete(queue)
+            # kombu's Redis transport keeps the queue's bindings in keys of their own.
+            channel.client.delete(f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
 
 
 def route(app: Any, routes: Any) -> None:

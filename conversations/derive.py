@@ -60,8 +60,9 @@ def merge_attrs(attrs: dict[str, Any], versions: dict[str, str], stated: dict[st
             versions[name] = version
 
 
-def apply_event(record: ConversationRecord, event: TypedEvent) -> None:
-    """Fold one event into a conversation. Unknown events never move a conversation."""
+def apply_event(record: ConversationRecord, event: TypedEvent, *, version: str | None = None) -> None:
+    """Fold one event into a conversation. Unknown events never move a conversation. `version` is the event's
+    version_of(), for a caller that has it already."""
     state = STATE_OF_KIND.get(event.kind)
     if state is None:
         return
@@ -77,9 +78,17 @@ def apply_event(record: ConversationRecord, event: TypedEvent) -> None:
     wrapped_up_at = event.wrapped_up_at or (event.occurred_at if event.kind is EventKind.WRAPUP else None)
     if wrapped_up_at is not None:
         record.wrapped_up_at = _earliest(record.wrapped_up_at, wrapped_up_at)
-    merge_attrs(record.attrs, record.versions, event.facts, version_of(event))
+    merge_attrs(record.attrs, record.versions, event.facts, version or version_of(event))
 
 
 def apply_participant(record: ParticipantRecord, facts: ParticipantFacts, version: str) -> None:
-    stated = {name: getattr(facts, name) for name in PARTICIPANT_ATTRS}
-    merge_attrs(record.attrs, record.versions, stated, version)
+    """merge_attrs over the facts' attributes, without building a dict of them (this runs for every participant
+    of every event)."""
+    attrs, versions = record.attrs, record.versions
+    for name in PARTICIPANT_ATTRS:
+        value = getattr(facts, name)
+        if value is None or value == "":
+            continue
+        if version > versions.get(name, ""):
+            attrs[name] = value
+            versions[name] = version

@@ -22,7 +22,8 @@ class Conversation(models.Model):
     wrapup_code = models.CharField(max_length=200, blank=True, default="", db_index=True)
     wrapup_name = models.CharField(max_length=200, blank=True, default="")
     wrapup_notes = models.TextField(blank=True, default="")
-    started_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    # Indexed together with id (conversation_started_id, migration 0003): the history's newest-first pages.
+    started_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
     wrapped_up_at = models.DateTimeField(null=True, blank=True)
     last_event_at = models.DateTimeField(null=True, blank=True, db_index=True)
@@ -40,7 +41,9 @@ class Conversation(models.Model):
 
 
 class Participant(models.Model):
-    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="participants")
+    # Not indexed alone: the unique (conversation, participant_id) below starts with it.
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="participants",
+                                     db_index=False)
     participant_id = models.CharField(max_length=64)
     purpose = models.CharField(max_length=32, blank=True, default="")
     user_id = models.CharField(max_length=64, blank=True, default="", db_index=True)

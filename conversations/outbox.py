@@ -68,12 +68,13 @@ def create_deliveries(
     another batch (or another worker) already wrote is neither written nor returned twice.
     """
     configured = {trigger: hooks.hooks_for(trigger) for trigger, _ in TRIGGER_STATES}
-    wanted = sorted(  # a stable order: two workers writing the same rows lock them in the same order
+    # In the transitions' order (by conversation id), then end before wrap-up: ids, and so deliveries, follow it.
+    wanted = [
         (idempotency_key(t.conversation_id, trigger, hook), t.conversation_id, trigger, hook)
         for t in transitions
         for trigger in triggers_for(t.old_state, t.new_state)
         for hook in configured[trigger]
-    )
+    ]
     if not wanted:
         return []
     now = timezone.now()
@@ -84,11 +85,8 @@ def create_deliveries(
         conflict=["idempotency_key"], returning=["id", "idempotency_key"],
     )
     ids = {key: pk for pk, key in inserted}
-    created = [
-        HookDelivery(pk=ids[key], conversation=conversations[cid], trigger=trigger, hook=hook,
-                     status=Status.PENDING, idempotency_key=key, attempts=0, created_at=now)
-        for key, cid, trigger, hook in wanted if key in ids
-    ]
+    created = [new_delivery(ids[key], conversations[cid], trigger, hook, key, now)
+               for key, cid, trigger, hook in wanted if key in ids]
     created.sort(key=lambda delivery: delivery.pk)
     logger.info("outbox: %d hook deliveries written for %d transitions (%d already existed)",
                 len(created), len(transitions), len(wanted) - len(created))
@@ -97,6 +95,19 @@ def create_deliveries(
 
 DELIVERY_COLUMNS = ("conversation_id", "trigger", "hook", "status", "idempotency_key", "attempts", "created_at",
                     "last_error")
+# Every column of a new delivery, in the order Model.from_db expects: the rows just written, without a read.
+NEW_DELIVERY = {"status": Status.PENDING.value, "attempts": 0, "enqueued_at": None, "started_at": None,
+                "finished_at": None, "next_attempt_at": None, "last_duration_ms": None, "last_error": ""}
+DELIVERY_FIELDS = tuple(f.attname for f in HookDelivery._meta.concrete_fields)
+
+
+def new_delivery(pk: int, conversation: Conversation, trigger: str, hook: str, key: str,
+                 created_at: datetime) -> HookDelivery:
+    values = {**NEW_DELIVERY, "id": pk, "conversation_id": conversation.pk, "trigger": trigger, "hook": hook,
+              "idempotency_key": key, "created_at": created_at}
+    delivery = HookDelivery.from_db(connection.alias, DELIVERY_FIELDS, [values[name] for name in DELIVERY_FIELDS])
+    delivery.conversation = conversation  # already at hand: reading it would cost a query per delivery
+    return delivery
 
 
 # -- sending ids to Celery (after commit) --------------------------------------------------------------
@@ -129,8 +140,19 @@ def enqueue(delivery_ids: Sequence[int]) -> int:
             break
         sent.extend(chunk)
     if sent:
-        HookDelivery.objects.filter(pk__in=sent, enqueued_at__isnull=True).update(enqueued_at=timezone.now())
+        mark_sent(sent)
     return len(sent)
+
+
+def mark_sent(delivery_ids: Sequence[int]) -> None:
+    """Stamp deliveries as sent. On its own (after the batch's commit) this need not wait for a disk flush: a
+    stamp lost in a crash only makes the sweeper send a delivery again, and the claim runs it once."""
+    own_transaction = not connection.in_atomic_block  # never relax an enclosing transaction's durability
+    with transaction.atomic():
+        if own_transaction and connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        HookDelivery.objects.filter(pk__in=delivery_ids, enqueued_at__isnull=True).update(enqueued_at=timezone.now())
 
 
 def fan_out(delivery_ids: Sequence[int]) -> int:

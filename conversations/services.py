@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import orjson
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 
 from conversations import bulk, outbox, signals
@@ -125,6 +125,8 @@ def store_rejects(rejects: Sequence[Reject], *, received_at: datetime) -> list[R
 CONVERSATION_FIELDS = (*CONVERSATION_TIMES, *CONVERSATION_ATTRS, "field_versions")
 PARTICIPANT_FIELDS = (*PARTICIPANT_ATTRS, "field_versions")
 PARTICIPANT_NULLABLE = {"connected_at", "ended_at", "acw_seconds"}
+# A written conversation becomes a model instance without a read: its columns in the order Model.from_db expects.
+CONVERSATION_COLUMNS = tuple(f.attname for f in Conversation._meta.concrete_fields)
 
 
 def apply_to_conversations(
@@ -135,22 +137,39 @@ def apply_to_conversations(
     ids = sorted({e.conversation_id for e in moving})
     if not ids:
         return {}, []
+    claim_conversations(ids)
     existing = {
         row["conversation_id"]: row
-        for row in Conversation.objects.filter(conversation_id__in=ids).values(
-            "id", "conversation_id", "created_at", *CONVERSATION_FIELDS
-        )
+        for row in bulk.select_in(model=Conversation, columns=("id", "conversation_id", "created_at",
+                                                               *CONVERSATION_FIELDS),
+                                  key="conversation_id", keys=ids, lock=True)
     }
     records = {cid: record_from_row(existing.get(cid), cid) for cid in ids}
     before = {cid: record.state for cid, record in records.items()}
-    for event in moving:
-        apply_event(records[event.conversation_id], event)
+    versions = [version_of(event) for event in moving]  # once per event, for its conversation and participants
+    for event, version in zip(moving, versions):
+        apply_event(records[event.conversation_id], event, version=version)
     rows = upsert_conversations(records, existing)
-    upsert_participants(rows, moving)
+    upsert_participants(rows, moving, versions)
     transitions = [
         Transition(cid, before[cid], record.state) for cid, record in records.items() if before[cid] != record.state
     ]
     return rows, transitions
+
+
+def claim_conversations(ids: Sequence[str]) -> None:
+    """Make sure every conversation has a row, then the read above locks them all: a second writer (a backfill
+    run by hand, a reprocess from the admin) folding the same conversation waits for this batch and then folds
+    on top of its result, instead of overwriting it. (On SQLite one writer holds the database anyway.)"""
+    if connection.vendor != "postgresql":
+        return
+    now = datetime.now(UTC)
+    bulk.insert_ignore(
+        table=Conversation._meta.db_table,
+        columns=["conversation_id", "state", *CONVERSATION_ATTRS, "field_versions", "created_at", "updated_at"],
+        rows=[(cid, "", *([""] * len(CONVERSATION_ATTRS)), "{}", now, now) for cid in ids],
+        conflict=["conversation_id"], returning=["conversation_id"],
+    )
 
 
 def record_from_row(row: dict | None, conversation_id: str) -> ConversationRecord:
@@ -182,44 +201,52 @@ def upsert_conversations(records: dict[str, ConversationRecord], existing: dict[
     written = bulk.upsert(
         table=Conversation._meta.db_table,
         columns=["conversation_id", *CONVERSATION_FIELDS, "created_at", "updated_at"],
-        rows=[(cid, *db_values(f, CONVERSATION_FIELDS), now, now) for cid, f in fields.items()],
+        rows=[(cid, *db_values(f), now, now) for cid, f in fields.items()],
         conflict=["conversation_id"], update=[*CONVERSATION_FIELDS, "updated_at"], returning=["conversation_id", "id"],
     )
-    created = {cid: existing[cid]["created_at"] if cid in existing else now for cid in fields}
-    return {
-        cid: Conversation(id=pk, conversation_id=cid, created_at=created[cid], updated_at=now, **fields[cid])
-        for cid, pk in written
-    }
+    rows: dict[str, Conversation] = {}
+    for cid, pk in written:
+        values = fields[cid]
+        values.update(id=pk, conversation_id=cid, created_at=existing[cid]["created_at"] if cid in existing else now,
+                      updated_at=now)
+        rows[cid] = Conversation.from_db(connection.alias, CONVERSATION_COLUMNS,
+                                         [values[name] for name in CONVERSATION_COLUMNS])
+    return rows
 
 
-def db_values(fields: dict, names: Sequence[str]) -> tuple:
-    return tuple(orjson.dumps(fields[n]).decode() if n == "field_versions" else fields[n] for n in names)
+def db_values(fields: dict) -> list:
+    """CONVERSATION_FIELDS in order, the versions as JSON text."""
+    values = [fields[name] for name in CONVERSATION_FIELDS]
+    values[-1] = orjson.dumps(values[-1]).decode()
+    return values
 
 
-def upsert_participants(conversations: dict[str, Conversation], events: Sequence[TypedEvent]) -> None:
-    carrying = [e for e in events if e.participants]
+def upsert_participants(
+    conversations: dict[str, Conversation], events: Sequence[TypedEvent], versions: Sequence[str]
+) -> None:
+    carrying = [(event, version) for event, version in zip(events, versions) if event.participants]
     if not carrying:
         return
-    pks = {conversations[e.conversation_id].pk for e in carrying}
+    pks = sorted({conversations[event.conversation_id].pk for event, _ in carrying})
     existing = {
         (row["conversation_id"], row["participant_id"]): row
-        for row in Participant.objects.filter(conversation_id__in=pks).values(
-            "conversation_id", "participant_id", *PARTICIPANT_FIELDS
-        )
+        for row in bulk.select_in(model=Participant, columns=("conversation_id", "participant_id",
+                                                              *PARTICIPANT_FIELDS),
+                                  key="conversation_id", keys=pks)
     }
     records: dict[tuple[int, str], ParticipantRecord] = {}
-    for event in carrying:
-        version = version_of(event)
+    for event, version in carrying:
         pk = conversations[event.conversation_id].pk
         for facts in event.participants:
             key = (pk, facts.participant_id)
-            if key not in records:
-                records[key] = participant_record(existing.get(key), facts.participant_id)
-            apply_participant(records[key], facts, version)
+            record = records.get(key)
+            if record is None:
+                record = records[key] = participant_record(existing.get(key), facts.participant_id)
+            apply_participant(record, facts, version)
     bulk.upsert(
         table=Participant._meta.db_table,
         columns=["conversation_id", "participant_id", *PARTICIPANT_FIELDS],
-        rows=[(pk, pid, *participant_values(record)) for (pk, pid), record in records.items()],
+        rows=[(pk, pid, *participant_values(record)) for (pk, pid), record in sorted(records.items())],
         conflict=["conversation_id", "participant_id"], update=PARTICIPANT_FIELDS, returning=["id"],
     )
 

@@ -84,6 +84,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
     columns = ("sent", "stored", "lost", "duplicate_events", "hook_deliveries", "duplicate_deliveries")
     write = terminalreporter.write_line
     write("")
-    write("fault injection: " + " | ".join(["case".ljust(40), *(c.rjust(10) for c in columns)]))
+    write("fault injection: " + " | ".join(["case".ljust(52), *(c.rjust(10) for c in columns)]))
     for case, result in FAULT_REPORT:
-        write("                 " + " | ".join([case.ljust(40), *(str(result.get(c, "-")).rjust(10) for c in columns)]))
+        write("                 " + " | ".join([case.ljust(52), *(str(result.get(c, "-")).rjust(10) for c in columns)]))

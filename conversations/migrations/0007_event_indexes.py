@@ -6,13 +6,14 @@ index each, one that also serves their newest-first order: (kind, occurred_at), 
 order, the date drill-down, pruning) and received_at (the live page's events per minute) stay.
 
 PostgreSQL only: the `*_like` indexes Django adds beside every indexed or unique CharField (varchar_pattern_ops,
-for LIKE 'abc%') go; nothing in the product searches by prefix, every search is exact. And participant rows,
-rewritten by every event of their conversation, get room on their page (fillfactor 80), so an update that
-changes no indexed column is a HOT update that touches no index at all.
+for LIKE 'abc%') go; nothing in the product searches by prefix, every search is exact. And participant rows
+(rewritten by every event of their conversation) and hook deliveries (stamped when sent) get room on their page
+(fillfactor 80), so an update that changes no indexed column is a HOT update that touches no index at all.
 
 On PostgreSQL the indexes are built and dropped CONCURRENTLY, so the ingest worker keeps writing meanwhile;
 hence a non-atomic migration, and the model state is changed separately from the SQL that does it.
 """
+import django.db.models.deletion
 from django.apps.registry import Apps
 from django.db import migrations, models
 from django.db.backends.base.schema import BaseDatabaseSchemaEditor
@@ -26,7 +27,9 @@ COMPOSITES = {
 DROPPED_SINGLE = ("kind", "event_type", "conversation_id", "source")  # on the event table
 # A participant's conversation is the first column of its unique (conversation, participant_id): the foreign key's
 # own index only doubles its cost.
-REDUNDANT = {"conversations_participant": "conversation_id"}
+REDUNDANT = {"conversations_participant": "conversation_id",
+             # (started_at, id) from 0003 serves every lookup by start time: the history, the live page, the admin.
+             "conversations_conversation": "started_at"}
 LIKE_INDEXES = {  # table -> CharField columns whose `_like` index goes (PostgreSQL)
     EVENT: ("dedupe_key", "kind", "event_type", "conversation_id", "source"),
     "conversations_conversation": ("conversation_id", "state", "media_type", "direction", "queue_id",
@@ -34,7 +37,9 @@ LIKE_INDEXES = {  # table -> CharField columns whose `_like` index goes (Postgre
     "conversations_participant": ("user_id",),
     "conversations_hookdelivery": ("idempotency_key",),
 }
-PARTICIPANT_FILLFACTOR = 80
+# Rows rewritten in place often get room on their page, so an update that changes no indexed column is HOT:
+# participants (every event of their conversation) and hook deliveries (stamped when sent).
+FILLFACTOR = {"conversations_participant": 80, "conversations_hookdelivery": 80}
 
 
 def run(schema_editor: BaseDatabaseSchemaEditor, sql: str) -> None:
@@ -60,13 +65,15 @@ def forwards(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     for table, columns in LIKE_INDEXES.items():
         for column in columns:
             run(schema_editor, f"DROP INDEX {{concurrently}}IF EXISTS {index_name(schema_editor, table, column, '_like')}")
-    schema_editor.execute(f"ALTER TABLE conversations_participant SET (fillfactor = {PARTICIPANT_FILLFACTOR})")
+    for table, fillfactor in FILLFACTOR.items():
+        schema_editor.execute(f"ALTER TABLE {table} SET (fillfactor = {fillfactor})")
 
 
 def backwards(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     postgres = schema_editor.connection.vendor == "postgresql"
     if postgres:
-        schema_editor.execute("ALTER TABLE conversations_participant RESET (fillfactor)")
+        for table in FILLFACTOR:
+            schema_editor.execute(f"ALTER TABLE {table} RESET (fillfactor)")
         for table, columns in LIKE_INDEXES.items():
             for column in columns:
                 name = index_name(schema_editor, table, column, "_like")
@@ -99,6 +106,13 @@ class Migration(migrations.Migration):
                                                     ("wrapup", "wrapup"), ("unknown", "unknown")], max_length=16),
                 ),
                 migrations.AlterField(model_name="event", name="source", field=models.CharField(max_length=32)),
+                migrations.AlterField(
+                    model_name="participant", name="conversation",
+                    field=models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE,
+                                            related_name="participants", to="conversations.conversation"),
+                ),
+                migrations.AlterField(model_name="conversation", name="started_at",
+                                      field=models.DateTimeField(blank=True, null=True)),
                 *(migrations.AddIndex(model_name="event", index=models.Index(fields=list(columns), name=name))
                   for name, columns in COMPOSITES.items()),
             ],

@@ -192,7 +192,7 @@ if LOG_FORMAT not in ("plain", "json"):
     raise environ.ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r} is not a log format; use plain or json")
 
 # The ingest pipeline: a bounded queue between the reader and the writer, flushed by size or by age.
-INGEST_BATCH_SIZE = env.int("INGEST_BATCH_SIZE", default=500)
+INGEST_BATCH_SIZE = env.int("INGEST_BATCH_SIZE", default=2000)
 INGEST_BATCH_MAX_AGE = env.float("INGEST_BATCH_MAX_AGE", default=0.1)
 INGEST_QUEUE_SIZE = env.int("INGEST_QUEUE_SIZE", default=5000)
 SSE_READ_TIMEOUT = env.float("SSE_READ_TIMEOUT", default=90.0)

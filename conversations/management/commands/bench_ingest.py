@@ -7,6 +7,8 @@ list's filtered queries over --history-conversations seeded rows. Prints one tab
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,15 +55,15 @@ class Command(BaseCommand):
         parser.add_argument("--history-conversations", type=int, default=1_000_000,
                             help="conversations to seed before timing the history queries (0: skip)")
         parser.add_argument("--history-queries", type=int, default=40, help="queries per history filter")
+        parser.add_argument("--live", action="store_true",
+                            help="also publish to the live pages (channel layer on Redis), as a worker does")
         parser.add_argument("--keep", action="store_true", help="keep the benchmark database afterwards")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        logging.getLogger("conversations").setLevel(logging.WARNING)  # the progress bars say it all
-        # As in production: with DEBUG on, Django keeps every SQL statement of the run in memory.
-        settings.DEBUG = False
         try:
+            bench.require_postgresql()
             broker = bench.require_broker()
-            with bench.benchmark_database(keep=options["keep"]) as name, bench.bench_queue() as queue:
+            with quiet(), bench.benchmark_database(keep=options["keep"]) as name, bench.bench_queue() as queue:
                 self.stdout.write(f"benchmark database: {name}; hooks to {broker} queue {queue}; "
                                   f"{bench.cpu_count()} cores")
                 self.measure(options)
@@ -69,9 +71,11 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
 
     def measure(self, options: dict[str, Any]) -> None:
-        runs = [self.burst(size) for size in bench.sizes(options["events"])]
+        self.live = options["live"]
+        # Each burst its own conversations (a seed each): a second burst of the same events would be duplicates.
+        runs = [self.burst(size, seed=n + 1) for n, size in enumerate(bench.sizes(options["events"]))]
         if options["notification_events"]:
-            runs.append(self.burst(options["notification_events"], source="notifications"))
+            runs.append(self.burst(options["notification_events"], source="notifications", seed=100))
         steady = self.steady(options["rate"], options["duration"]) if options["rate"] else None
         # Ceilings and baseline after every pipeline run: reading rows back must not count as pipeline memory.
         ceilings = [bench.copy_ceiling(first_id=run.first_id, last_id=run.last_id) for run in runs]
@@ -80,23 +84,25 @@ class Command(BaseCommand):
         if options["history_conversations"]:
             self.history(options["history_conversations"], options["history_queries"])
 
-    def burst(self, events: int, *, source: str = "sse") -> bench.PipelineRun:
-        with bench.simulator(kind=source, events=events) as sim, \
+    def burst(self, events: int, *, source: str = "sse", seed: int) -> bench.PipelineRun:
+        with bench.simulator(kind=source, events=events, seed=seed) as sim, \
                 tqdm(total=events if source == "sse" else None, desc=f"{source} burst", unit="ev") as bar:
             return bench.run_pipeline(sim=sim, source=source, max_events=events if source == "sse" else None,
-                                      progress=bar.update)
+                                      live=self.live, progress=bar.update)
 
     def steady(self, rate: float, duration: float) -> bench.PipelineRun:
         with bench.simulator(kind="live", rate=rate) as sim, \
                 tqdm(total=int(rate * duration), desc=f"steady {rate:.0f}/s", unit="ev") as bar:
-            return bench.run_pipeline(sim=sim, duration=duration, measure_latency=True, progress=bar.update)
+            return bench.run_pipeline(sim=sim, duration=duration, measure_latency=True, live=self.live,
+                                      progress=bar.update)
 
     def report(self, runs: list[bench.PipelineRun], ceilings: list[tuple[int, float]], naive: tuple[int, float],
                steady: bench.PipelineRun | None) -> None:
         rows: list[Row] = []
         for run, (copied, copy_seconds) in zip(runs, ceilings):
+            stored = f"{run.stored:,} stored, {run.events - run.stored:,} duplicates; " if run.stored != run.events else ""
             rows.append(Row(f"pipeline ({run.source}, {run.events:,})", run.events, run.seconds,
-                            f"peak RSS {run.peak_rss_mb:.0f} MB; {run.cpu.describe()}"))
+                            f"{stored}peak RSS {run.peak_rss_mb:.0f} MB; {run.cpu.describe()}"))
             rows.append(Row("  COPY of the same rows", copied, copy_seconds,
                             f"pipeline / COPY = {ratio(run.rate, copied, copy_seconds):.2f}"))
         rows.append(Row("naive (ORM save per event)", *naive))
@@ -140,6 +146,21 @@ class Command(BaseCommand):
         for timing in bench.time_history(queries=queries):
             flag = "" if timing.p95 <= TARGET_HISTORY_P95 else "  MISSED"
             self.stdout.write(f"{timing.name:<22} {ms(timing.p50):>8} {ms(timing.p95):>8}{flag}")
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """The progress bars say it all; and DEBUG off, as in production: with it on, Django keeps every SQL statement
+    of the run in memory. Both put back afterwards."""
+    log = logging.getLogger("conversations")
+    level, debug = log.level, settings.DEBUG
+    log.setLevel(logging.WARNING)
+    settings.DEBUG = False
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        settings.DEBUG = debug
 
 
 def ratio(rate: float, copied: int, copy_seconds: float) -> float:
