@@ -25,7 +25,7 @@ import requests
 from conversations.genesys import rest
 from conversations.genesys.auth import TokenProvider
 from conversations.genesys.backoff import Backoff
-from conversations.genesys.errors import TransientError, short_reason
+from conversations.genesys.errors import TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -165,21 +165,12 @@ class AnalyticsApi:
         ))
 
     def _request(self, body: dict[str, Any]) -> requests.Response:
-        headers = {"Authorization": f"Bearer {self.tokens.token()}", "Accept": "application/json"}
         self.requests += 1
-        try:
-            return self._session.post(self.api_url + DETAILS_QUERY_PATH, json=body, headers=headers,
-                                      timeout=self._timeout)
-        except requests.RequestException as exc:
-            raise TransientError(f"POST {DETAILS_QUERY_PATH} failed ({short_reason(exc)})") from exc
+        return rest.request(self._session, "POST", self.api_url + DETAILS_QUERY_PATH, tokens=self.tokens,
+                            timeout=self._timeout, label=f"POST {DETAILS_QUERY_PATH}", json=body)
 
     def _json(self, response: requests.Response) -> dict[str, Any]:
-        try:
-            body = response.json()
-        except ValueError:
-            raise TransientError(f"POST {DETAILS_QUERY_PATH} answered {response.status_code} without a JSON "
-                                 "body") from None
-        return body if isinstance(body, dict) else {}
+        return rest.json_object(response, label=f"POST {DETAILS_QUERY_PATH}")
 
 
 def _first_sight(conversation: dict[str, Any], seen: set[str]) -> bool:

@@ -310,20 +310,11 @@ class NotificationsApi:
         )
 
     def _request(self, method: str, path: str, *, params: dict[str, Any] | None, json: Any) -> requests.Response:
-        headers = {"Authorization": f"Bearer {self.tokens.token()}", "Accept": "application/json"}
-        try:
-            return self._session.request(method, self.api_url + path, params=params, json=json, headers=headers,
-                                         timeout=self._timeout)
-        except requests.RequestException as exc:
-            raise TransientError(f"{method} {path} failed ({short_reason(exc)})") from exc
+        return rest.request(self._session, method, self.api_url + path, tokens=self.tokens, timeout=self._timeout,
+                            label=f"{method} {path}", params=params, json=json)
 
     def _json(self, response: requests.Response) -> dict[str, Any]:
-        try:
-            body = response.json()
-        except ValueError:
-            raise TransientError(f"{response.request.method} {response.url} answered {response.status_code} "
-                                 "without a JSON body") from None
-        return body if isinstance(body, dict) else {}
+        return rest.json_object(response, label=f"{response.request.method} {response.url}")
 
     def _entities(self, response: requests.Response) -> list[Any]:
         entities = self._json(response).get("entities")

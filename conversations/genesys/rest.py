@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import requests
 
 from conversations.genesys.auth import TokenProvider
 from conversations.genesys.backoff import parse_retry_after
-from conversations.genesys.errors import FatalSourceError, TransientError, error_detail
+from conversations.genesys.errors import FatalSourceError, TransientError, error_detail, short_reason
 
 logger = logging.getLogger(__name__)
 
@@ -54,3 +55,24 @@ def checked(
     if status == 403:
         raise FatalSourceError(f"Genesys refused {what} (403 {text}); {forbidden}")
     raise FatalSourceError(f"{what} answered {status} {text}; check the API URL and the request")
+
+
+def request(
+    session: requests.Session, method: str, url: str, *, tokens: TokenProvider, timeout: Any, label: str,
+    **kwargs: Any,
+) -> requests.Response:
+    """One authorized JSON call; a network failure is transient."""
+    headers = {"Authorization": f"Bearer {tokens.token()}", "Accept": "application/json"}
+    try:
+        return session.request(method, url, headers=headers, timeout=timeout, **kwargs)
+    except requests.RequestException as exc:
+        raise TransientError(f"{label} failed ({short_reason(exc)})") from exc
+
+
+def json_object(response: requests.Response, *, label: str) -> dict[str, Any]:
+    """The answer's JSON object ({} for another JSON value); a body that is not JSON is transient."""
+    try:
+        body = response.json()
+    except ValueError:
+        raise TransientError(f"{label} answered {response.status_code} without a JSON body") from None
+    return body if isinstance(body, dict) else {}
