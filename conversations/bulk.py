@@ -50,6 +50,40 @@ def upsert(
     return write(table=table, columns=columns, rows=rows, tail=tail)
 
 
+def existing_keys(*, table: str, key: str, keys: Sequence[Any]) -> set:
+    """Which of `keys` the table already holds in its (unique, indexed) column `key`."""
+    if not keys:
+        return set()
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            # A join on the unnested keys, as in select_in: index probes even when the statistics are stale.
+            cursor.execute(f"SELECT row.{qn(key)} FROM unnest(%s::text[]) AS wanted(key) "
+                           f"JOIN {qn(table)} AS row ON row.{qn(key)} = wanted.key", [list(keys)])
+            return {found for (found,) in cursor.fetchall()}
+        found: set = set()
+        for start in range(0, len(keys), SQLITE_MAX_VARIABLES):
+            chunk = keys[start:start + SQLITE_MAX_VARIABLES]
+            cursor.execute(f"SELECT {qn(key)} FROM {qn(table)} WHERE {qn(key)} IN ({', '.join(['%s'] * len(chunk))})",
+                           chunk)
+            found.update(value for (value,) in cursor.fetchall())
+        return found
+
+
+def insert_all(*, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+    """Insert rows the caller knows are new (a clash is an error): on PostgreSQL one COPY straight into the
+    table, the cheapest write there is."""
+    if not rows:
+        return
+    if connection.vendor != "postgresql":
+        values_insert(table=table, columns=columns, rows=rows, tail="")
+        return
+    with connection.cursor() as cursor, cursor.copy(
+        f"COPY {qn(table)} ({', '.join(map(qn, columns))}) FROM STDIN"
+    ) as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
 def write(*, table: str, columns: Sequence[str], rows: Sequence[Row], tail: str) -> list[tuple]:
     if connection.vendor == "postgresql":
         return copy_then_insert(table=table, columns=columns, rows=rows, tail=tail)
@@ -106,18 +140,19 @@ def values_insert(*, table: str, columns: Sequence[str], rows: Sequence[Row], ta
             params = [adapt(value) for row in chunk for value in row]
             values = ", ".join([placeholder] * len(chunk))
             cursor.execute(f"INSERT INTO {qn(table)} ({', '.join(map(qn, columns))}) VALUES {values} {tail}", params)
-            returned.extend(cursor.fetchall())
+            if tail:
+                returned.extend(cursor.fetchall())
     return returned
 
 
 def select_in(
-    *, model: type[models.Model], columns: Sequence[str], key: str, keys: Sequence[Any], lock: bool = False
+    *, model: type[models.Model], columns: Sequence[str], key: str, keys: Sequence[Any]
 ) -> list[dict]:
     """The rows of `model` whose `key` is one of `keys`, as dicts of `columns` with the values the ORM's
-    `.values()` would give (aware datetimes, decoded JSON). `lock`: FOR UPDATE, in key order (no deadlocks)."""
+    `.values()` would give (aware datetimes, decoded JSON)."""
     if not keys:
         return []
-    if connection.vendor != "postgresql":  # SQLite: one writer at a time anyway, FOR UPDATE is not needed
+    if connection.vendor != "postgresql":
         return list(model.objects.filter(**{f"{key}__in": keys}).values(*columns))
     fields = [model._meta.get_field(column) for column in columns]
     select = ", ".join(f"row.{qn(f.column)}::text" if type(f) in LOADERS else f"row.{qn(f.column)}" for f in fields)
@@ -126,8 +161,7 @@ def select_in(
     # even when the table's statistics are stale (a seq scan of a large table otherwise).
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT {select} FROM unnest(%s::{key_field.db_type(connection)}[]) AS wanted(key) "
-                       f"JOIN {qn(model._meta.db_table)} AS row ON row.{qn(key_field.column)} = wanted.key"
-                       + (f" ORDER BY row.{qn(key_field.column)} FOR UPDATE OF row" if lock else ""),
+                       f"JOIN {qn(model._meta.db_table)} AS row ON row.{qn(key_field.column)} = wanted.key",
                        [list(keys)])
         rows = cursor.fetchall()
     parsed = [(index, LOADERS[type(field)]) for index, field in enumerate(fields) if type(field) in LOADERS]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -21,7 +21,14 @@ from conversations.derive import (
     version_of,
 )
 from conversations.events import EventKind, Reject, TypedEvent
-from conversations.models import Conversation, Event, HookDelivery, Participant, RejectedEvent, StreamCheckpoint
+from conversations.models import (
+    Conversation,
+    Event,
+    HookDelivery,
+    Participant,
+    RejectedEvent,
+    StreamCheckpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +54,7 @@ class BatchResult:
     new_events: list[TypedEvent] = field(default_factory=list)
     duplicates: int = 0
     rejects: list[RejectedEvent] = field(default_factory=list)
-    conversations: dict[str, Conversation] = field(default_factory=dict)
+    conversations: Mapping[str, Conversation] = field(default_factory=dict)
     transitions: list[Transition] = field(default_factory=list)
     deliveries: list[HookDelivery] = field(default_factory=list)  # hook deliveries this batch created
 
@@ -66,42 +73,267 @@ def ingest_batch(
         if guard is not None:
             guard()
         result = write_batch(events=events, rejects=rejects, source=source, last_event_id=last_event_id)
+    after_commit(result)
+    return result
+
+
+def after_commit(result: BatchResult) -> None:
     send_signals(result)
     outbox.enqueue_after_commit(result.deliveries)
-    return result
 
 
 def write_batch(
     *, events: Sequence[TypedEvent], rejects: Sequence[Reject], source: str, last_event_id: str | None
 ) -> BatchResult:
-    received_at = datetime.now(UTC)
-    new_events = insert_new_events(events, received_at=received_at)
-    result = BatchResult(new_events=new_events, duplicates=len(events) - len(new_events))
-    result.rejects = store_rejects(rejects, received_at=received_at)
-    result.conversations, result.transitions = apply_to_conversations(new_events)
-    result.deliveries = outbox.create_deliveries(
-        conversations=result.conversations, transitions=result.transitions
+    """Fold the batch on the stored state and store it, under the writer lock (in the caller's transaction)."""
+    hold_writer_lock()
+    return store(fold_batch(events=events, rejects=rejects, source=source, last_event_id=last_event_id,
+                            load=read_state))
+
+
+# The PostgreSQL advisory lock every batch holds until it commits (an arbitrary key of our own: "convfold"), and
+# the sequence each holder draws from: a gap in the numbers one writer draws means another writer wrote between.
+WRITER_LOCK = 0x636F6E76666F6C64
+WRITER_SEQUENCE = "conversations_writer_generation"
+
+
+def hold_writer_lock() -> int | None:
+    """One batch writes at a time, whoever writes it (the worker, a backfill run by hand, a reprocess from the
+    admin): each folds on what the previous batch committed, and an event is known new by a read, not a
+    unique-index clash. Held until the transaction ends. Returns this batch's generation number (PostgreSQL;
+    SQLite has one writer at a time anyway and returns None)."""
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT pg_advisory_xact_lock(%s), nextval('{WRITER_SEQUENCE}')", [WRITER_LOCK])
+        return cursor.fetchone()[1]
+
+
+# -- folding: events -> the rows of the conversations and participants they change ---------------------------
+
+
+@dataclass
+class FoldState:
+    """A conversation as the fold sees it: its record, its participants, and the rows last written of both
+    (a row that comes out of a fold unchanged is not written again)."""
+
+    record: ConversationRecord
+    pk: int | None = None
+    created_at: datetime | None = None
+    row: tuple | None = None
+    participants: dict[str, ParticipantRecord] = field(default_factory=dict)
+    participant_rows: dict[str, tuple] = field(default_factory=dict)
+
+
+Loader = Callable[[Sequence[str]], dict[str, FoldState]]
+
+
+@dataclass
+class FoldedBatch:
+    """A batch folded and ready to store: only immutable rows, so the next batch can be folded meanwhile."""
+
+    events: list[TypedEvent]  # unique by dedupe key
+    rejects: Sequence[Reject]
+    source: str
+    last_event_id: str | None
+    committed: int  # what the checkpoint counts: every event and reject read, duplicates included
+    rows: dict[str, tuple]  # conversation id -> CONVERSATION_FIELDS values, for every conversation touched
+    changed: list[str]  # the conversations whose row changed (written)
+    known: dict[str, tuple[int, datetime]]  # conversation id -> (pk, created_at) of rows that exist already
+    participants: list[tuple]  # (conversation id, participant id, *PARTICIPANT_FIELDS values) that changed
+    transitions: list[Transition]
+
+
+def fold_batch(
+    *, events: Sequence[TypedEvent], rejects: Sequence[Reject], source: str, last_event_id: str | None, load: Loader,
+) -> FoldedBatch:
+    """Fold every event of the batch into the state `load` gives. Duplicates need no special care: the fold is
+    idempotent, so an event already folded changes nothing and its conversation is not written again."""
+    unique: dict[str, TypedEvent] = {}
+    for event in events:
+        unique.setdefault(event.dedupe_key, event)
+    moving = [e for e in unique.values() if e.kind is not EventKind.UNKNOWN and e.conversation_id]
+    states = load(sorted({e.conversation_id for e in moving})) if moving else {}
+    before = {cid: state.record.state for cid, state in states.items()}
+    for event in moving:
+        version = version_of(event)
+        state = states[event.conversation_id]
+        apply_event(state.record, event, version=version)
+        for facts in event.participants:
+            record = state.participants.get(facts.participant_id)
+            if record is None:
+                record = state.participants[facts.participant_id] = ParticipantRecord(facts.participant_id)
+            apply_participant(record, facts, version)
+    rows: dict[str, tuple] = {}
+    changed: list[str] = []
+    participants: list[tuple] = []
+    known: dict[str, tuple[int, datetime]] = {}
+    for cid, state in states.items():
+        row = rows[cid] = conversation_row(state.record)
+        if row != state.row:
+            state.row = row
+            changed.append(cid)
+        if state.pk is not None:
+            known[cid] = (state.pk, state.created_at)
+        for pid, record in state.participants.items():
+            values = participant_values(record)
+            if values != state.participant_rows.get(pid):
+                state.participant_rows[pid] = values
+                participants.append((cid, pid, *values))
+    transitions = [Transition(cid, before[cid], state.record.state) for cid, state in states.items()
+                   if before[cid] != state.record.state]
+    return FoldedBatch(
+        events=list(unique.values()), rejects=rejects, source=source, last_event_id=last_event_id,
+        committed=len(events) + len(rejects), rows=rows, changed=changed, known=known, participants=participants,
+        transitions=transitions,
     )
-    save_checkpoint(source=source, last_event_id=last_event_id, committed=len(events) + len(rejects))
+
+
+def read_state(ids: Sequence[str]) -> dict[str, FoldState]:
+    """The stored state of these conversations (a new one starts empty): two reads, whatever the count."""
+    found = {
+        row["conversation_id"]: row
+        for row in bulk.select_in(model=Conversation, columns=("id", "conversation_id", "created_at",
+                                                               *CONVERSATION_FIELDS),
+                                  key="conversation_id", keys=ids)
+    }
+    states = {cid: state_from_row(found.get(cid), cid) for cid in ids}
+    by_pk = {state.pk: state for state in states.values() if state.pk is not None}
+    for row in bulk.select_in(model=Participant, columns=("conversation_id", "participant_id", *PARTICIPANT_FIELDS),
+                              key="conversation_id", keys=sorted(by_pk)):
+        state, pid = by_pk[row["conversation_id"]], row["participant_id"]
+        record = state.participants[pid] = participant_record(row, pid)
+        state.participant_rows[pid] = participant_values(record)
+    return states
+
+
+def state_from_row(row: dict | None, conversation_id: str) -> FoldState:
+    if row is None:
+        return FoldState(record=ConversationRecord(conversation_id=conversation_id))
+    record = ConversationRecord(
+        conversation_id=conversation_id,
+        state=row["state"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+        wrapped_up_at=row["wrapped_up_at"],
+        last_event_at=row["last_event_at"],
+        attrs={name: row[name] for name in CONVERSATION_ATTRS if row[name]},
+        versions=dict(row["field_versions"]),
+    )
+    return FoldState(record=record, pk=row["id"], created_at=row["created_at"], row=conversation_row(record))
+
+
+def conversation_row(record: ConversationRecord) -> tuple:
+    """CONVERSATION_FIELDS in order, the versions as JSON text (sorted keys: equal state, equal row)."""
+    attrs = record.attrs
+    return (
+        record.state, record.started_at, record.ended_at, record.wrapped_up_at, record.last_event_at,
+        *[attrs.get(name, "") for name in CONVERSATION_ATTRS],
+        orjson.dumps(record.versions, option=orjson.OPT_SORT_KEYS).decode(),
+    )
+
+
+def participant_record(row: dict, participant_id: str) -> ParticipantRecord:
+    attrs = {name: row[name] for name in PARTICIPANT_ATTRS if row[name] not in (None, "")}
+    return ParticipantRecord(participant_id=participant_id, attrs=attrs, versions=dict(row["field_versions"]))
+
+
+def participant_values(record: ParticipantRecord) -> tuple:
+    attrs = record.attrs
+    values = [attrs.get(name, None if name in PARTICIPANT_NULLABLE else "") for name in PARTICIPANT_ATTRS]
+    return (*values, orjson.dumps(record.versions, option=orjson.OPT_SORT_KEYS).decode())
+
+
+# -- storing a folded batch ----------------------------------------------------------------------------------
+
+
+def store(folded: FoldedBatch) -> BatchResult:
+    """Write a folded batch in the caller's transaction, which holds the writer lock."""
+    received_at = datetime.now(UTC)
+    new_events = insert_new_events(folded.events, received_at=received_at)
+    result = BatchResult(new_events=new_events, duplicates=folded.committed - len(folded.rejects) - len(new_events))
+    result.rejects = store_rejects(folded.rejects, received_at=received_at)
+    keys = write_conversations(folded, now=received_at)
+    write_participants(folded.participants, keys)
+    result.conversations = ConversationRows(folded.rows, keys, updated_at=received_at)
+    result.transitions = folded.transitions
+    result.deliveries = outbox.create_deliveries(conversations=result.conversations, transitions=result.transitions)
+    save_checkpoint(source=folded.source, last_event_id=folded.last_event_id, committed=folded.committed)
     return result
+
+
+def insert_new_events(events: Sequence[TypedEvent], *, received_at: datetime) -> list[TypedEvent]:
+    """Insert the events (unique by dedupe key) not stored yet and return them. Under the writer lock no other
+    batch can store one of them meanwhile."""
+    stored = bulk.existing_keys(table=Event._meta.db_table, key="dedupe_key", keys=[e.dedupe_key for e in events])
+    new = [event for event in events if event.dedupe_key not in stored]
+    bulk.insert_all(table=Event._meta.db_table, columns=EVENT_COLUMNS, rows=[event_values(e, received_at) for e in new])
+    return new
+
+
+def write_conversations(folded: FoldedBatch, *, now: datetime) -> dict[str, tuple[int, datetime]]:
+    """Upsert the changed rows; return (pk, created_at) of every conversation the batch touched."""
+    keys = dict(folded.known)
+    if folded.changed:
+        written = bulk.upsert(
+            table=Conversation._meta.db_table,
+            columns=["conversation_id", *CONVERSATION_FIELDS, "created_at", "updated_at"],
+            rows=[(cid, *folded.rows[cid], now, now) for cid in folded.changed],
+            conflict=["conversation_id"], update=[*CONVERSATION_FIELDS, "updated_at"],
+            returning=["conversation_id", "id", "created_at"],
+        )
+        keys.update((cid, (pk, aware(created_at))) for cid, pk, created_at in written)
+    missing = [cid for cid in folded.rows if cid not in keys]
+    if missing:  # touched but unchanged, and first written by a batch folded meanwhile: read its key
+        keys.update((cid, (pk, created_at)) for cid, pk, created_at in Conversation.objects.filter(
+            conversation_id__in=missing).values_list("conversation_id", "id", "created_at"))
+    return keys
+
+
+def aware(value: datetime) -> datetime:
+    """A time RETURNING gives: aware on PostgreSQL, naive UTC from SQLite's raw cursor."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def write_participants(rows: Sequence[tuple], keys: dict[str, tuple[int, datetime]]) -> None:
+    if rows:
+        bulk.upsert(
+            table=Participant._meta.db_table,
+            columns=["conversation_id", "participant_id", *PARTICIPANT_FIELDS],
+            rows=sorted((keys[cid][0], pid, *values) for cid, pid, *values in rows),
+            conflict=["conversation_id", "participant_id"], update=PARTICIPANT_FIELDS, returning=["id"],
+        )
+
+
+class ConversationRows(Mapping[str, Conversation]):
+    """The conversations a batch touched, as model instances built on first access from the rows just written
+    (no read; most batches' listeners never look at most of them)."""
+
+    def __init__(self, rows: dict[str, tuple], keys: dict[str, tuple[int, datetime]], *, updated_at: datetime) -> None:
+        self.rows, self.keys, self.updated_at = rows, keys, updated_at
+        self.built: dict[str, Conversation] = {}
+
+    def __getitem__(self, cid: str) -> Conversation:
+        instance = self.built.get(cid)
+        if instance is None:
+            pk, created_at = self.keys[cid]
+            values = dict(zip(CONVERSATION_FIELDS, self.rows[cid]))
+            values.update(id=pk, conversation_id=cid, created_at=created_at, updated_at=self.updated_at,
+                          field_versions=orjson.loads(values["field_versions"]))
+            instance = self.built[cid] = Conversation.from_db(
+                connection.alias, CONVERSATION_COLUMNS, [values[name] for name in CONVERSATION_COLUMNS])
+        return instance
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 EVENT_COLUMNS = (
     "dedupe_key", "sse_id", "kind", "event_type", "conversation_id", "occurred_at", "received_at", "source", "payload",
 )
-
-
-def insert_new_events(events: Sequence[TypedEvent], *, received_at: datetime) -> list[TypedEvent]:
-    """Insert the events not stored yet; the database says which were new (a duplicate is skipped)."""
-    unique: dict[str, TypedEvent] = {}
-    for event in events:
-        unique.setdefault(event.dedupe_key, event)
-    inserted = bulk.insert_ignore(
-        table=Event._meta.db_table, columns=EVENT_COLUMNS, rows=[event_values(e, received_at) for e in unique.values()],
-        conflict=["dedupe_key"], returning=["dedupe_key"],
-    )
-    new_keys = {key for (key,) in inserted}
-    return [event for key, event in unique.items() if key in new_keys]
 
 
 def event_values(event: TypedEvent, received_at: datetime) -> tuple:
@@ -129,140 +361,6 @@ PARTICIPANT_NULLABLE = {"connected_at", "ended_at", "acw_seconds"}
 CONVERSATION_COLUMNS = tuple(f.attname for f in Conversation._meta.concrete_fields)
 
 
-def apply_to_conversations(
-    events: Sequence[TypedEvent],
-) -> tuple[dict[str, Conversation], list[Transition]]:
-    """One read and one upsert for every conversation the batch touches (and the same for participants)."""
-    moving = [e for e in events if e.kind is not EventKind.UNKNOWN and e.conversation_id]
-    ids = sorted({e.conversation_id for e in moving})
-    if not ids:
-        return {}, []
-    claim_conversations(ids)
-    existing = {
-        row["conversation_id"]: row
-        for row in bulk.select_in(model=Conversation, columns=("id", "conversation_id", "created_at",
-                                                               *CONVERSATION_FIELDS),
-                                  key="conversation_id", keys=ids, lock=True)
-    }
-    records = {cid: record_from_row(existing.get(cid), cid) for cid in ids}
-    before = {cid: record.state for cid, record in records.items()}
-    versions = [version_of(event) for event in moving]  # once per event, for its conversation and participants
-    for event, version in zip(moving, versions):
-        apply_event(records[event.conversation_id], event, version=version)
-    rows = upsert_conversations(records, existing)
-    upsert_participants(rows, moving, versions)
-    transitions = [
-        Transition(cid, before[cid], record.state) for cid, record in records.items() if before[cid] != record.state
-    ]
-    return rows, transitions
-
-
-def claim_conversations(ids: Sequence[str]) -> None:
-    """Make sure every conversation has a row, then the read above locks them all: a second writer (a backfill
-    run by hand, a reprocess from the admin) folding the same conversation waits for this batch and then folds
-    on top of its result, instead of overwriting it. (On SQLite one writer holds the database anyway.)"""
-    if connection.vendor != "postgresql":
-        return
-    now = datetime.now(UTC)
-    bulk.insert_ignore(
-        table=Conversation._meta.db_table,
-        columns=["conversation_id", "state", *CONVERSATION_ATTRS, "field_versions", "created_at", "updated_at"],
-        rows=[(cid, "", *([""] * len(CONVERSATION_ATTRS)), "{}", now, now) for cid in ids],
-        conflict=["conversation_id"], returning=["conversation_id"],
-    )
-
-
-def record_from_row(row: dict | None, conversation_id: str) -> ConversationRecord:
-    if row is None:
-        return ConversationRecord(conversation_id=conversation_id)
-    return ConversationRecord(
-        conversation_id=conversation_id,
-        state=row["state"],
-        started_at=row["started_at"],
-        ended_at=row["ended_at"],
-        wrapped_up_at=row["wrapped_up_at"],
-        last_event_at=row["last_event_at"],
-        attrs={name: row[name] for name in CONVERSATION_ATTRS if row[name]},
-        versions=dict(row["field_versions"]),
-    )
-
-
-def conversation_fields(record: ConversationRecord) -> dict:
-    fields = {name: getattr(record, name) for name in CONVERSATION_TIMES}
-    fields.update({name: record.attrs.get(name, "") for name in CONVERSATION_ATTRS})
-    fields["field_versions"] = record.versions
-    return fields
-
-
-def upsert_conversations(records: dict[str, ConversationRecord], existing: dict[str, dict]) -> dict[str, Conversation]:
-    """Write the folded state; return the rows as model instances (for signals and the hook outbox)."""
-    now = datetime.now(UTC)
-    fields = {cid: conversation_fields(record) for cid, record in records.items()}
-    written = bulk.upsert(
-        table=Conversation._meta.db_table,
-        columns=["conversation_id", *CONVERSATION_FIELDS, "created_at", "updated_at"],
-        rows=[(cid, *db_values(f), now, now) for cid, f in fields.items()],
-        conflict=["conversation_id"], update=[*CONVERSATION_FIELDS, "updated_at"], returning=["conversation_id", "id"],
-    )
-    rows: dict[str, Conversation] = {}
-    for cid, pk in written:
-        values = fields[cid]
-        values.update(id=pk, conversation_id=cid, created_at=existing[cid]["created_at"] if cid in existing else now,
-                      updated_at=now)
-        rows[cid] = Conversation.from_db(connection.alias, CONVERSATION_COLUMNS,
-                                         [values[name] for name in CONVERSATION_COLUMNS])
-    return rows
-
-
-def db_values(fields: dict) -> list:
-    """CONVERSATION_FIELDS in order, the versions as JSON text."""
-    values = [fields[name] for name in CONVERSATION_FIELDS]
-    values[-1] = orjson.dumps(values[-1]).decode()
-    return values
-
-
-def upsert_participants(
-    conversations: dict[str, Conversation], events: Sequence[TypedEvent], versions: Sequence[str]
-) -> None:
-    carrying = [(event, version) for event, version in zip(events, versions) if event.participants]
-    if not carrying:
-        return
-    pks = sorted({conversations[event.conversation_id].pk for event, _ in carrying})
-    existing = {
-        (row["conversation_id"], row["participant_id"]): row
-        for row in bulk.select_in(model=Participant, columns=("conversation_id", "participant_id",
-                                                              *PARTICIPANT_FIELDS),
-                                  key="conversation_id", keys=pks)
-    }
-    records: dict[tuple[int, str], ParticipantRecord] = {}
-    for event, version in carrying:
-        pk = conversations[event.conversation_id].pk
-        for facts in event.participants:
-            key = (pk, facts.participant_id)
-            record = records.get(key)
-            if record is None:
-                record = records[key] = participant_record(existing.get(key), facts.participant_id)
-            apply_participant(record, facts, version)
-    bulk.upsert(
-        table=Participant._meta.db_table,
-        columns=["conversation_id", "participant_id", *PARTICIPANT_FIELDS],
-        rows=[(pk, pid, *participant_values(record)) for (pk, pid), record in sorted(records.items())],
-        conflict=["conversation_id", "participant_id"], update=PARTICIPANT_FIELDS, returning=["id"],
-    )
-
-
-def participant_record(row: dict | None, participant_id: str) -> ParticipantRecord:
-    if row is None:
-        return ParticipantRecord(participant_id=participant_id)
-    attrs = {name: row[name] for name in PARTICIPANT_ATTRS if row[name] not in (None, "")}
-    return ParticipantRecord(participant_id=participant_id, attrs=attrs, versions=dict(row["field_versions"]))
-
-
-def participant_values(record: ParticipantRecord) -> tuple:
-    values = [record.attrs.get(name, None if name in PARTICIPANT_NULLABLE else "") for name in PARTICIPANT_ATTRS]
-    return (*values, orjson.dumps(record.versions).decode())
-
-
 def save_checkpoint(*, source: str, last_event_id: str | None, committed: int) -> None:
     """Written in the batch's own transaction: a restart resumes exactly after what was committed."""
     updates: dict[str, object] = {"events_committed": F("events_committed") + committed}
@@ -279,7 +377,8 @@ def load_checkpoint(*, source: str) -> str | None:
 
 def send_signals(result: BatchResult) -> None:
     for event in result.new_events:
-        conversation = result.conversations.get(event.conversation_id)
-        SIGNAL_OF_KIND[event.kind].send(sender=Conversation, event=event, conversation=conversation)
+        signal = SIGNAL_OF_KIND[event.kind]
+        if signal.has_listeners(Conversation):
+            signal.send(sender=Conversation, event=event, conversation=result.conversations.get(event.conversation_id))
     for reject in result.rejects:
         signals.stream_error.send(sender=RejectedEvent, reject=reject)
