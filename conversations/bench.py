@@ -40,8 +40,8 @@ from conversations.genesys.scenario import DEFAULT_START, Scenario, iso
 from conversations.genesys.sse import SSESource
 from conversations.leadership import Lease
 from conversations.models import Conversation, Event
-from conversations.pipeline import Envelope, Pipeline, normalized
 from conversations.normalize import normalize_sse
+from conversations.pipeline import Envelope, Pipeline, normalized
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_ID, CLIENT_SECRET = "sim-client", "sim-secret"
@@ -158,14 +158,20 @@ class CpuSplit:
 class CpuMeter:
     """CPU seconds of this process, our PostgreSQL backends and writers, the simulator and the machine.
 
-    Per process: one that ends during the run is left out (its last reading is unknown), one that starts
-    during the run counts from zero."""
+    Sampled twice a second, so a process that ends during the run (a connection closed when its thread ends)
+    counts up to its last sample; one that starts during the run counts from zero."""
+
+    INTERVAL = 0.5
 
     def __init__(self, *, simulator_pid: int | None) -> None:
         self.simulator_pid = simulator_pid
         self.database = connection.settings_dict["NAME"]
         self.started = time.monotonic()
         self.start = self.sample()
+        self.latest = {name: dict(readings) for name, readings in self.start.items()}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._sample_loop, name="bench-cpu", daemon=True)
+        self.thread.start()
 
     def sample(self) -> dict[str, dict[int, float]]:
         times = os.times()
@@ -178,11 +184,23 @@ class CpuMeter:
             "machine": {0: machine_cpu()},
         }
 
+    def _merge(self, readings: dict[str, dict[int, float]]) -> None:
+        for name, found in readings.items():
+            for pid, seconds in found.items():
+                if seconds:  # 0: gone before it could be read
+                    self.latest[name][pid] = seconds
+
+    def _sample_loop(self) -> None:
+        while not self.stopping.wait(self.INTERVAL):
+            self._merge(self.sample())
+
     def stop(self) -> CpuSplit:
-        end = self.sample()
+        self.stopping.set()
+        self.thread.join()
+        self._merge(self.sample())
         used = {
-            name: sum(seconds - self.start[name].get(pid, 0.0) for pid, seconds in readings.items() if seconds)
-            for name, readings in end.items()
+            name: sum(seconds - self.start[name].get(pid, 0.0) for pid, seconds in readings.items())
+            for name, readings in self.latest.items()
         }
         return CpuSplit(wall=time.monotonic() - self.started, seconds=used)
 
@@ -386,6 +404,7 @@ def run_pipeline(
     lease.try_acquire()
     pipeline = Pipeline(source_name=source, batch_size=settings.INGEST_BATCH_SIZE,
                         max_age=settings.INGEST_BATCH_MAX_AGE, queue_size=settings.INGEST_QUEUE_SIZE,
+                        fold_ahead=settings.INGEST_FOLD_AHEAD,
                         after_commit=[*listeners(source, live=live), observer], guard=lease.fence)
     reader, envelopes = ENVELOPES[source](sim.url, stop)
     reset_peak_rss()
@@ -514,6 +533,37 @@ def copy_ceiling(*, first_id: int, last_id: int, chunk: int = 20_000) -> tuple[i
     with connection.cursor() as cursor:
         cursor.execute("DROP TABLE bench_copy_ceiling")
     return copied, seconds
+
+
+def storage_floor(*, first_id: int, last_id: int, chunk: int = 20_000) -> float:
+    """What only storing these rows costs with the indexes the product reads by: the same COPY into a table with
+    the Event table's indexes, plus one conversation row per event (each event changes its conversation) into a
+    table with the Conversation table's indexes, the latter INSERT ... SELECT inside the server (cheaper than any
+    client's write). No pipeline can beat this, so COPY-seconds / floor-seconds bounds pipeline / COPY."""
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS bench_floor_event, bench_floor_conversation")
+        cursor.execute("CREATE TABLE bench_floor_event (LIKE conversations_event INCLUDING ALL)")
+        cursor.execute("CREATE TABLE bench_floor_conversation (LIKE conversations_conversation INCLUDING ALL)")
+    columns = [c for c in SEED_COLUMNS if c != "conversation_id"]
+    seconds, after = 0.0, first_id - 1
+    while rows := stored_rows(after=after, until=last_id, limit=chunk):
+        after, first = rows[-1][0], rows[0][0]
+        started = time.monotonic()
+        with transaction.atomic(), connection.cursor() as cursor:
+            with cursor.copy(f"COPY bench_floor_event {COPY_COLUMNS} FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row[1:])
+            cursor.execute(
+                f"INSERT INTO bench_floor_conversation (conversation_id, {', '.join(columns)}) "
+                f"SELECT event.dedupe_key, {', '.join(f'conversation.{c}' for c in columns)} "
+                "FROM conversations_event AS event JOIN conversations_conversation AS conversation "
+                "ON conversation.conversation_id = event.conversation_id WHERE event.id BETWEEN %s AND %s",
+                [first, after],
+            )
+        seconds += time.monotonic() - started
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE bench_floor_event, bench_floor_conversation")
+    return seconds
 
 
 def stored_rows(*, after: int, until: int, limit: int) -> list[tuple]:

@@ -15,8 +15,10 @@ system messages are not events: the source handles them before normalizing.
 """
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -24,7 +26,7 @@ from typing import Any, Protocol
 import orjson
 
 from conversations.events import EventKind, ParticipantFacts, Reject, TypedEvent
-from conversations.normalize import PayloadError, dedupe_key, latest_agent, optional_time
+from conversations.normalize import PayloadError, dedupe_key, latest_agent, parse_time
 
 SOURCE = "notifications"
 SNAPSHOT_EVENT_TYPE = "conversation.snapshot"
@@ -164,6 +166,14 @@ class Lifecycle:
 
 
 def snapshot_event(message: dict[str, Any], body: dict[str, Any], *, names: Names) -> TypedEvent:
+    _snapshot_memo.communications = {}
+    try:
+        return _snapshot_event(message, body, names=names)
+    finally:
+        _snapshot_memo.communications = None
+
+
+def _snapshot_event(message: dict[str, Any], body: dict[str, Any], *, names: Names) -> TypedEvent:
     conversation_id = body.get("id")
     if not isinstance(conversation_id, str) or not conversation_id:
         raise PayloadError("the conversation snapshot has no id")
@@ -185,20 +195,52 @@ def snapshot_event(message: dict[str, Any], body: dict[str, Any], *, names: Name
     )
 
 
-def communications(participant: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(media type, communication) for every communication of a participant, in a stable order."""
-    for list_name, media in MEDIA_OF_LIST.items():
-        for communication in participant.get(list_name) or ():
-            if isinstance(communication, dict):
-                yield media, communication
+def communications(participant: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(media type, communication) for every communication of a participant, in a stable order. While a
+    snapshot is normalized, each participant's list is made once (several rules look at it)."""
+    memo: dict[int, list[tuple[str, dict[str, Any]]]] | None = getattr(_snapshot_memo, "communications", None)
+    if memo is not None and (found := memo.get(id(participant))) is not None:
+        return found
+    found = [
+        (media, communication)
+        for list_name, media in MEDIA_OF_LIST.items() if (listed := participant.get(list_name))
+        for communication in listed if isinstance(communication, dict)
+    ]
+    if memo is not None:
+        memo[id(participant)] = found
+    return found
+
+
+# Per thread, for the duration of one snapshot_event() (whose participants stay alive, so ids are not reused).
+_snapshot_memo = threading.local()
+
+
+@functools.lru_cache(maxsize=16_384)
+def _iso_time(value: str) -> datetime | None:
+    """A snapshot restates every earlier time of its conversation, so most times were parsed moments ago."""
+    try:
+        return parse_time(value, field="")
+    except PayloadError:
+        return None
 
 
 def _time(value: Any, *, field: str) -> datetime | None:
-    return optional_time(value, field=field)
+    if value is None or value == "":
+        return None
+    if type(value) is str and (moment := _iso_time(value)) is not None:
+        return moment
+    return parse_time(value, field=field)  # not a time: raises, naming the field
 
 
 def _times(holder: dict[str, Any], names: Iterable[str], *, where: str) -> list[datetime]:
-    return [t for name in names if (t := _time(holder.get(name), field=f"{where}.{name}")) is not None]
+    found = []
+    for name in names:
+        value = holder.get(name)
+        if value is None or value == "":
+            continue
+        moment = _iso_time(value) if type(value) is str else None
+        found.append(moment if moment is not None else parse_time(value, field=f"{where}.{name}"))
+    return found
 
 
 def snapshot_time(participants: list[dict[str, Any]]) -> datetime | None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import DateTimeField, F, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -140,7 +140,11 @@ def enqueue(delivery_ids: Sequence[int]) -> int:
             break
         sent.extend(chunk)
     if sent:
-        mark_sent(sent)
+        try:
+            mark_sent(sent)
+        except DatabaseError as exc:  # the batch is committed; an unstamped delivery is only sent again
+            logger.warning("outbox: %d hook deliveries sent but not stamped as sent (%s); the sweeper will send "
+                           "them again and each still runs once", len(sent), str(exc).strip().splitlines()[0])
     return len(sent)
 
 

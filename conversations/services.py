@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -126,6 +127,51 @@ class FoldState:
 
 
 Loader = Callable[[Sequence[str]], dict[str, FoldState]]
+
+
+class FoldCache:
+    """A Loader for a writer that folds a batch before the previous one is committed (pipeline.FoldAhead): it
+    serves the conversations of batches folded but not committed as folded, and reads every other one, whose
+    stored state is then current. Exactly those conversations are kept (pinned by each batch that loaded
+    them until it is stored), so its size is bounded by the batches in flight."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, FoldState] = {}
+        self.pins: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.epoch = 0
+
+    def load(self, ids: Sequence[str]) -> dict[str, FoldState]:
+        with self.lock:
+            found = {cid: self.states[cid] for cid in ids if cid in self.states}
+        read = read_state([cid for cid in ids if cid not in found])  # nothing is pinned if this fails
+        found.update(read)
+        with self.lock:
+            for cid in ids:
+                # (Re)kept even if released meanwhile: its batch committed, so this state is the stored one.
+                self.states[cid] = found[cid]
+                self.pins[cid] = self.pins.get(cid, 0) + 1
+        return {cid: found[cid] for cid in ids}
+
+    def release(self, ids: Iterable[str]) -> None:
+        """A batch that loaded these is stored (or given up): what no other batch in flight holds goes."""
+        with self.lock:
+            for cid in ids:
+                pins = self.pins.get(cid, 0) - 1
+                if pins > 0:
+                    self.pins[cid] = pins
+                else:
+                    self.pins.pop(cid, None)
+                    self.states.pop(cid, None)
+
+    def clear(self, *, epoch: int) -> None:
+        with self.lock:
+            self.states.clear()
+            self.pins.clear()
+            self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.states)
 
 
 @dataclass

@@ -146,6 +146,7 @@ class Worker:
             batch_size=settings.INGEST_BATCH_SIZE,
             max_age=settings.INGEST_BATCH_MAX_AGE,
             queue_size=settings.INGEST_QUEUE_SIZE,
+            fold_ahead=settings.INGEST_FOLD_AHEAD,
             after_commit=[*after_commit_listeners(self.source_name), beat.record_batch],
             guard=lease.fence,
         )

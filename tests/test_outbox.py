@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
-from django.db import close_old_connections, connection, transaction
+from django.db import OperationalError, close_old_connections, connection, transaction
 from django.utils import timezone
 
 from conversations import hooks, outbox, services
@@ -194,6 +194,21 @@ def test_a_worker_killed_after_commit_before_enqueue_still_delivers_through_the_
     assert HookDelivery.objects.filter(status="succeeded").count() == 20
     assert len(calls()) == 10 and len({key for *_, key in calls()}) == 10
     assert outbox.sweep(now=timezone.now() + timedelta(hours=1)).resent == 0
+
+
+def test_a_database_failing_right_after_the_commit_loses_no_delivery_and_runs_none_twice() -> None:
+    # The batch commits, its ids reach the broker (eager here: the hooks run), then stamping them as sent fails.
+    def fail_the_stamp(execute, sql, params, many, context):  # noqa: ANN001, ANN202
+        if "enqueued_at" in sql and sql.lstrip().upper().startswith("UPDATE"):
+            raise OperationalError("server closed the connection unexpectedly")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(fail_the_stamp):
+        result = ingest(lifecycle("conv-1"))  # does not raise: the batch is committed
+    assert len(result.deliveries) == 4
+    assert HookDelivery.objects.filter(status="succeeded").count() == 4
+    assert outbox.sweep(now=timezone.now() + timedelta(seconds=61)).resent == 0  # ran already: not re-sent
+    assert len(calls()) == 2  # end and wrap-up of the logging hook... each once
 
 
 def test_a_broker_that_is_down_leaves_deliveries_pending_until_the_sweeper(settings: Any) -> None:

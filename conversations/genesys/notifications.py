@@ -123,6 +123,8 @@ class ConnectionTracker:
             source=source, connection_id=uuid.uuid4().hex, channel_id=channel_id, connected_at=now()
         )
         self._reported_at = self.report.connected_at
+        self._unreported = 0  # events since the report was last rebuilt
+        self._last_event_at: datetime | None = None
         self._emit()
 
     @property
@@ -137,12 +139,20 @@ class ConnectionTracker:
         self._update(last_heartbeat_at=self._now())
 
     def events(self, count: int = 1) -> None:
-        self._update(last_event_at=self._now(), events_received=self.report.events_received + count)
+        """Counted in plain attributes (this runs for every message); the report is rebuilt when it is sent."""
+        if self.closed:
+            return
+        now = self._now()
+        self._unreported += count
+        self._last_event_at = now
+        if now - self._reported_at >= self._interval:
+            self._emit()
 
     def close(self, reason: str) -> None:
         """The connection ended; only the first reason counts."""
         if self.closed:
             return
+        self._take_counts()
         self.report = _replace(self.report, disconnected_at=self._now(), disconnect_reason=reason[:2000])
         self._emit()
 
@@ -153,7 +163,14 @@ class ConnectionTracker:
         if self._now() - self._reported_at >= self._interval:
             self._emit()
 
+    def _take_counts(self) -> None:
+        if self._unreported:
+            self.report = _replace(self.report, last_event_at=self._last_event_at,
+                                   events_received=self.report.events_received + self._unreported)
+            self._unreported = 0
+
     def _emit(self) -> None:
+        self._take_counts()
         self._reported_at = self._now()
         if self._listener is not None:
             self._listener(self.report)

@@ -195,6 +195,8 @@ if LOG_FORMAT not in ("plain", "json"):
 INGEST_BATCH_SIZE = env.int("INGEST_BATCH_SIZE", default=2000)
 INGEST_BATCH_MAX_AGE = env.float("INGEST_BATCH_MAX_AGE", default=0.1)
 INGEST_QUEUE_SIZE = env.int("INGEST_QUEUE_SIZE", default=5000)
+# PostgreSQL: fold the next batch while the database stores this one (pipeline.FoldAhead).
+INGEST_FOLD_AHEAD = env.bool("INGEST_FOLD_AHEAD", default=True)
 SSE_READ_TIMEOUT = env.float("SSE_READ_TIMEOUT", default=90.0)
 SSE_BACKOFF_MAX = env.float("SSE_BACKOFF_MAX", default=60.0)
 # One active consumer per source: the lease a worker holds and renews; a standby takes over when it expires.
