@@ -510,7 +510,8 @@ def last_event_id() -> int:
 COPY_COLUMNS = "(dedupe_key, sse_id, kind, event_type, conversation_id, occurred_at, received_at, source, payload)"
 
 
-def copy_ceiling(*, first_id: int, last_id: int, chunk: int = 20_000) -> tuple[int, float]:
+def copy_ceiling(*, first_id: int, last_id: int, chunk: int = 20_000,
+                 progress: Callable[[int], None] = lambda n: None) -> tuple[int, float]:
     """COPY the events a run stored into a bare table (no index, no constraint): the database's own limit for
     these rows, through the same driver. Rows are read back untimed, in chunks; only the COPY is timed."""
     with connection.cursor() as cursor:
@@ -530,12 +531,14 @@ def copy_ceiling(*, first_id: int, last_id: int, chunk: int = 20_000) -> tuple[i
                 copy.write_row(row[1:])
         seconds += time.monotonic() - started
         copied += len(rows)
+        progress(len(rows))
     with connection.cursor() as cursor:
         cursor.execute("DROP TABLE bench_copy_ceiling")
     return copied, seconds
 
 
-def storage_floor(*, first_id: int, last_id: int, chunk: int = 20_000) -> float:
+def storage_floor(*, first_id: int, last_id: int, chunk: int = 20_000,
+                  progress: Callable[[int], None] = lambda n: None) -> float:
     """What only storing these rows costs with the indexes the product reads by: the same COPY into a table with
     the Event table's indexes, plus one conversation row per event (each event changes its conversation) into a
     table with the Conversation table's indexes, the latter INSERT ... SELECT inside the server (cheaper than any
@@ -561,6 +564,7 @@ def storage_floor(*, first_id: int, last_id: int, chunk: int = 20_000) -> float:
                 [first, after],
             )
         seconds += time.monotonic() - started
+        progress(len(rows))
     with connection.cursor() as cursor:
         cursor.execute("DROP TABLE bench_floor_event, bench_floor_conversation")
     return seconds
@@ -576,7 +580,7 @@ def stored_rows(*, after: int, until: int, limit: int) -> list[tuple]:
         return cursor.fetchall()
 
 
-def naive_baseline(*, count: int) -> tuple[int, float]:
+def naive_baseline(*, count: int, progress: Callable[[int], None] = lambda n: None) -> tuple[int, float]:
     """What a first attempt does: per event, one ORM save and one state update, each event its own transaction."""
     events = list(Event.objects.filter(source="sse").order_by("id")[:count])
     started = time.monotonic()
@@ -593,6 +597,7 @@ def naive_baseline(*, count: int) -> tuple[int, float]:
                 conversation_id=f"naive-{stored.conversation_id}",
                 defaults={"state": state, "last_event_at": stored.occurred_at},
             )
+        progress(1)
     return len(events), time.monotonic() - started
 
 

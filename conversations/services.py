@@ -106,8 +106,11 @@ def hold_writer_lock() -> int | None:
     if connection.vendor != "postgresql":
         return None
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT pg_advisory_xact_lock(%s), nextval('{WRITER_SEQUENCE}')", [WRITER_LOCK])
-        return cursor.fetchone()[1]
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [WRITER_LOCK])
+        # Drawn only once the lock is held (a separate statement: the order of one SELECT's expressions is not
+        # promised), so the numbers follow the order in which writers hold the lock.
+        cursor.execute(f"SELECT nextval('{WRITER_SEQUENCE}')")
+        return cursor.fetchone()[0]
 
 
 # -- folding: events -> the rows of the conversations and participants they change ---------------------------

@@ -68,7 +68,9 @@ def test_bench_ingest_runs_every_part_and_prints_the_table() -> None:
     text = out.getvalue()
     for line in ("pipeline (sse, 300)", "pipeline (sse, 600)", "COPY of the same rows", "pipeline (notifications",
                  "naive (ORM save per event)", "pipeline at a steady", "p99", "peak RSS 300 -> 600 events",
-                 "pipeline / COPY", "pipeline / naive", "history list over 3,000 seeded conversations", "agent"):
+                 "pipeline / COPY", "pipeline / naive",
+                 "the same rows, indexed", "the storage floor allows at most",
+                 "history list over 3,000 seeded conversations", "agent"):
         assert line in text, f"{line!r} missing from:\n{text}"
     assert connection.settings_dict["NAME"] == test_database  # the benchmark database is gone
     with connection.cursor() as cursor:

@@ -78,9 +78,14 @@ class Command(BaseCommand):
             runs.append(self.burst(options["notification_events"], source="notifications", seed=100))
         steady = self.steady(options["rate"], options["duration"]) if options["rate"] else None
         # Ceilings and baseline after every pipeline run: reading rows back must not count as pipeline memory.
-        ceilings = [bench.copy_ceiling(first_id=run.first_id, last_id=run.last_id) for run in runs]
-        self.floors = [bench.storage_floor(first_id=run.first_id, last_id=run.last_id) for run in runs]
-        naive = bench.naive_baseline(count=options["naive_events"])
+        with tqdm(total=2 * sum(run.stored for run in runs), desc="COPY ceiling and storage floor",
+                  unit="row") as bar:
+            ceilings = [bench.copy_ceiling(first_id=run.first_id, last_id=run.last_id, progress=bar.update)
+                        for run in runs]
+            self.floors = [bench.storage_floor(first_id=run.first_id, last_id=run.last_id, progress=bar.update)
+                           for run in runs]
+        with tqdm(total=options["naive_events"], desc="naive baseline", unit="ev") as bar:
+            naive = bench.naive_baseline(count=options["naive_events"], progress=bar.update)
         self.report(runs, ceilings, naive, steady)
         if options["history_conversations"]:
             self.history(options["history_conversations"], options["history_queries"])
@@ -127,10 +132,11 @@ class Command(BaseCommand):
                 naive: tuple[int, float]) -> None:
         naive_rate = naive[0] / naive[1] if naive[1] else 0.0
         self.stdout.write("")
-        for run, (copied, copy_seconds) in zip(runs, ceilings):
+        for run, (copied, copy_seconds), floor in zip(runs, ceilings, self.floors):
             target = TARGET_COPY_SSE if run.source == "sse" else TARGET_COPY_NOTIFICATIONS
             share = ratio(run.rate, copied, copy_seconds)
-            line = f"{run.source} {run.events:,}: pipeline / COPY = {share:.2f} (target >= {target:.2f})"
+            line = (f"{run.source} {run.events:,}: pipeline / COPY = {share:.2f} (target >= {target:.2f}; "
+                    f"the storage floor allows at most {copy_seconds / floor if floor else 0:.2f})")
             if run.source == "sse" and naive_rate:
                 line += f"; pipeline / naive = {run.rate / naive_rate:.1f}x (target >= {TARGET_NAIVE:.0f}x)"
             self.stdout.write(line)
