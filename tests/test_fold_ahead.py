@@ -89,3 +89,30 @@ def test_another_writer_between_a_fold_and_its_store_is_folded_on_not_overwritte
     assert snapshot() == expected
     assert pipeline.stage.refolds >= 2  # the first batch, and the one folded before the other writer
     assert len(pipeline.stage.cache) == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_writer_racing_the_pipeline_changes_nothing_of_the_result(seed: int) -> None:
+    # A backfill storing newer statements for the same conversations in its own thread, at random moments, while
+    # the pipeline folds ahead: the rows must be those of all events stored one batch at a time.
+    rng = random.Random(seed)
+    order = sorted(EVENTS, key=lambda e: (e.occurred_at, e.dedupe_key))
+    racing = [typed(payload("update", f"conv-{rng.randrange(12)}", 100 + n, queueId=f"queue-{n}",
+                            queueName=f"Queue {n}")) for n in range(24)]
+    expected = expected_rows([*EVENTS, *racing])
+
+    def race() -> None:
+        try:
+            for start in range(0, len(racing), 3):
+                threading.Event().wait(rng.uniform(0, 0.03))
+                services.ingest_batch(events=racing[start:start + 3], source="backfill")
+        finally:
+            connection.close()
+
+    racer = threading.Thread(target=race)
+    racer.start()
+    pipeline = run(order, batch_size=3)
+    racer.join(30)
+    assert snapshot() == expected
+    assert pipeline.totals.new_events == len(EVENTS)
+    assert len(pipeline.stage.cache) == 0
