@@ -77,7 +77,9 @@ def insert_all(*, table: str, columns: Sequence[str], rows: Sequence[Row]) -> No
     if connection.vendor != "postgresql":
         values_insert(table=table, columns=columns, rows=rows, tail="")
         return
-    with connection.cursor() as cursor, cursor.copy(
+    # Django turns driver errors into its own only around execute(); COPY is the driver's own, so a connection
+    # lost mid-COPY must be wrapped here to reach the writer's retry as django.db.OperationalError.
+    with connection.wrap_database_errors, connection.cursor() as cursor, cursor.copy(
         f"COPY {qn(table)} ({', '.join(map(qn, columns))}) FROM STDIN"
     ) as copy:
         for row in rows:
@@ -97,7 +99,7 @@ def copy_then_insert(*, table: str, columns: Sequence[str], rows: Sequence[Row],
     stage = staging_table(table)
     cols = ", ".join(map(qn, columns))
     with connection.cursor() as cursor:
-        with cursor.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
+        with connection.wrap_database_errors, cursor.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
         cursor.execute(

@@ -299,6 +299,11 @@ class FoldAhead:
                 batch = pipeline.drain()
                 if batch:
                     self.submit(batch)
+        except BaseException:
+            # The run is ending on an error of this side: the storing thread stores what it holds, but gives up
+            # at once if the database is down (instead of holding the worker until it is back).
+            stop.set()
+            raise
         finally:
             self._hand(None)
             self.thread.join()

@@ -124,12 +124,14 @@ class FoldState:
     record: ConversationRecord
     pk: int | None = None
     created_at: datetime | None = None
+    updated_at: datetime | None = None
     row: tuple | None = None
     participants: dict[str, ParticipantRecord] = field(default_factory=dict)
     participant_rows: dict[str, tuple] = field(default_factory=dict)
 
 
 Loader = Callable[[Sequence[str]], dict[str, FoldState]]
+Stored = tuple[int, datetime, datetime]  # a conversation row's pk, created_at and updated_at
 
 
 class FoldCache:
@@ -188,7 +190,7 @@ class FoldedBatch:
     committed: int  # what the checkpoint counts: every event and reject read, duplicates included
     rows: dict[str, tuple]  # conversation id -> CONVERSATION_FIELDS values, for every conversation touched
     changed: list[str]  # the conversations whose row changed (written)
-    known: dict[str, tuple[int, datetime]]  # conversation id -> (pk, created_at) of rows that exist already
+    known: dict[str, Stored]  # conversation id -> (pk, created_at, updated_at) of rows that exist already
     participants: list[tuple]  # (conversation id, participant id, *PARTICIPANT_FIELDS values) that changed
     transitions: list[Transition]
 
@@ -216,14 +218,14 @@ def fold_batch(
     rows: dict[str, tuple] = {}
     changed: list[str] = []
     participants: list[tuple] = []
-    known: dict[str, tuple[int, datetime]] = {}
+    known: dict[str, Stored] = {}
     for cid, state in states.items():
         row = rows[cid] = conversation_row(state.record)
         if row != state.row:
             state.row = row
             changed.append(cid)
         if state.pk is not None:
-            known[cid] = (state.pk, state.created_at)
+            known[cid] = (state.pk, state.created_at, state.updated_at)
         for pid, record in state.participants.items():
             values = participant_values(record)
             if values != state.participant_rows.get(pid):
@@ -242,7 +244,7 @@ def read_state(ids: Sequence[str]) -> dict[str, FoldState]:
     """The stored state of these conversations (a new one starts empty): two reads, whatever the count."""
     found = {
         row["conversation_id"]: row
-        for row in bulk.select_in(model=Conversation, columns=("id", "conversation_id", "created_at",
+        for row in bulk.select_in(model=Conversation, columns=("id", "conversation_id", "created_at", "updated_at",
                                                                *CONVERSATION_FIELDS),
                                   key="conversation_id", keys=ids)
     }
@@ -269,7 +271,8 @@ def state_from_row(row: dict | None, conversation_id: str) -> FoldState:
         attrs={name: row[name] for name in CONVERSATION_ATTRS if row[name]},
         versions=dict(row["field_versions"]),
     )
-    return FoldState(record=record, pk=row["id"], created_at=row["created_at"], row=conversation_row(record))
+    return FoldState(record=record, pk=row["id"], created_at=row["created_at"], updated_at=row["updated_at"],
+                     row=conversation_row(record))
 
 
 def conversation_row(record: ConversationRecord) -> tuple:
@@ -304,7 +307,7 @@ def store(folded: FoldedBatch) -> BatchResult:
     result.rejects = store_rejects(folded.rejects, received_at=received_at)
     keys = write_conversations(folded, now=received_at)
     write_participants(folded.participants, keys)
-    result.conversations = ConversationRows(folded.rows, keys, updated_at=received_at)
+    result.conversations = ConversationRows(folded.rows, keys)
     result.transitions = folded.transitions
     result.deliveries = outbox.create_deliveries(conversations=result.conversations, transitions=result.transitions)
     save_checkpoint(source=folded.source, last_event_id=folded.last_event_id, committed=folded.committed)
@@ -320,8 +323,8 @@ def insert_new_events(events: Sequence[TypedEvent], *, received_at: datetime) ->
     return new
 
 
-def write_conversations(folded: FoldedBatch, *, now: datetime) -> dict[str, tuple[int, datetime]]:
-    """Upsert the changed rows; return (pk, created_at) of every conversation the batch touched."""
+def write_conversations(folded: FoldedBatch, *, now: datetime) -> dict[str, Stored]:
+    """Upsert the changed rows; return (pk, created_at, updated_at) of every conversation the batch touched."""
     keys = dict(folded.known)
     if folded.changed:
         written = bulk.upsert(
@@ -331,11 +334,12 @@ def write_conversations(folded: FoldedBatch, *, now: datetime) -> dict[str, tupl
             conflict=["conversation_id"], update=[*CONVERSATION_FIELDS, "updated_at"],
             returning=["conversation_id", "id", "created_at"],
         )
-        keys.update((cid, (pk, aware(created_at))) for cid, pk, created_at in written)
+        keys.update((cid, (pk, aware(created_at), now)) for cid, pk, created_at in written)
     missing = [cid for cid in folded.rows if cid not in keys]
     if missing:  # touched but unchanged, and first written by a batch folded meanwhile: read its key
-        keys.update((cid, (pk, created_at)) for cid, pk, created_at in Conversation.objects.filter(
-            conversation_id__in=missing).values_list("conversation_id", "id", "created_at"))
+        keys.update((cid, (pk, created_at, updated_at)) for cid, pk, created_at, updated_at in
+                    Conversation.objects.filter(conversation_id__in=missing).values_list(
+                        "conversation_id", "id", "created_at", "updated_at"))
     return keys
 
 
@@ -344,7 +348,7 @@ def aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def write_participants(rows: Sequence[tuple], keys: dict[str, tuple[int, datetime]]) -> None:
+def write_participants(rows: Sequence[tuple], keys: dict[str, Stored]) -> None:
     if rows:
         bulk.upsert(
             table=Participant._meta.db_table,
@@ -358,16 +362,16 @@ class ConversationRows(Mapping[str, Conversation]):
     """The conversations a batch touched, as model instances built on first access from the rows just written
     (no read; most batches' listeners never look at most of them)."""
 
-    def __init__(self, rows: dict[str, tuple], keys: dict[str, tuple[int, datetime]], *, updated_at: datetime) -> None:
-        self.rows, self.keys, self.updated_at = rows, keys, updated_at
+    def __init__(self, rows: dict[str, tuple], keys: dict[str, Stored]) -> None:
+        self.rows, self.keys = rows, keys
         self.built: dict[str, Conversation] = {}
 
     def __getitem__(self, cid: str) -> Conversation:
         instance = self.built.get(cid)
         if instance is None:
-            pk, created_at = self.keys[cid]
+            pk, created_at, updated_at = self.keys[cid]
             values = dict(zip(CONVERSATION_FIELDS, self.rows[cid]))
-            values.update(id=pk, conversation_id=cid, created_at=created_at, updated_at=self.updated_at,
+            values.update(id=pk, conversation_id=cid, created_at=created_at, updated_at=updated_at,
                           field_versions=orjson.loads(values["field_versions"]))
             instance = self.built[cid] = Conversation.from_db(
                 connection.alias, CONVERSATION_COLUMNS, [values[name] for name in CONVERSATION_COLUMNS])

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection, transaction
+from django.utils import timezone
 
 from conversations import bulk, outbox, services
 from conversations.models import Conversation, Event, HookDelivery, Participant
@@ -124,3 +125,24 @@ def test_a_delivery_stamp_never_relaxes_an_enclosing_transaction() -> None:
                 assert cursor.fetchone()[0] == "on"
     assert HookDelivery.objects.filter(enqueued_at__isnull=True).count() == 0
     assert all(d.created_at <= d.enqueued_at + timedelta(seconds=1) for d in HookDelivery.objects.all())
+
+
+def test_a_connection_lost_during_a_copy_reaches_the_writer_as_djangos_error() -> None:
+    # The writer's retry (pipeline.retrying) holds a batch through a database outage only for Django's
+    # OperationalError / InterfaceError; COPY is the driver's own and must be wrapped like execute() is.
+    if connection.vendor != "postgresql":
+        pytest.skip("COPY is the PostgreSQL path")
+    from django.db import InterfaceError, OperationalError, connections
+
+    connection.ensure_connection()
+    pid = connection.connection.info.backend_pid
+    other = connections.create_connection("default")
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    finally:
+        other.close()
+    with pytest.raises((OperationalError, InterfaceError)):
+        bulk.insert_all(table=Event._meta.db_table, columns=services.EVENT_COLUMNS,
+                        rows=[services.event_values(typed(lifecycle("conv-1")[0]), timezone.now())])
+    connection.close()
