@@ -267,8 +267,9 @@ class FoldAhead:
     the writer lock and draws a number from one sequence (services.hold_writer_lock), so the storing thread
     sees another writer (a backfill, a reprocess) as a gap in its numbers. It then folds that batch again
     under the lock from what is stored, and so does it for every batch folded on the stale cache (an epoch
-    number marks them), and the folding side empties the cache once those are through. A failed commit is
-    retried as written: it stored nothing, and the next number shows whether anybody else did meanwhile."""
+    number marks them), and the folding side empties the cache once those are through. A failed attempt is
+    retried as folded: it stored nothing, and the next number shows whether anybody else did meanwhile (a
+    commit in doubt is the exception: README, "Guarantees")."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
