@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from django.conf import settings
 from django.db import connection, transaction
 
-from conversations import metrics, outbox, realtime, selectors, services
+from conversations import bulk, metrics, outbox, realtime, selectors, services
 from conversations.events import STATE_OF_KIND
 from conversations.genesys.auth import TokenProvider
 from conversations.genesys.backoff import Backoff
@@ -402,10 +401,8 @@ def run_pipeline(
     observer = Observer(run, measure_latency=measure_latency, progress=progress)
     lease = Lease(source=source, ttl=3600)
     lease.try_acquire()
-    pipeline = Pipeline(source_name=source, batch_size=settings.INGEST_BATCH_SIZE,
-                        max_age=settings.INGEST_BATCH_MAX_AGE, queue_size=settings.INGEST_QUEUE_SIZE,
-                        fold_ahead=settings.INGEST_FOLD_AHEAD,
-                        after_commit=[*listeners(source, live=live), observer], guard=lease.fence)
+    pipeline = Pipeline.from_settings(source, after_commit=[*listeners(source, live=live), observer],
+                                      guard=lease.fence)
     reader, envelopes = ENVELOPES[source](sim.url, stop)
     reset_peak_rss()
     with autovacuum_stand_in():
@@ -507,13 +504,29 @@ def last_event_id() -> int:
 
 # -- the ceiling and the baseline -----------------------------------------------------------------------------
 
-COPY_COLUMNS = "(dedupe_key, sse_id, kind, event_type, conversation_id, occurred_at, received_at, source, payload)"
+COPY_COLUMNS = "dedupe_key, sse_id, kind, event_type, conversation_id, occurred_at, received_at, source, payload"
+
+
+def timed_writes(write: Callable[[Any, list[tuple]], None], *, first_id: int, last_id: int, chunk: int,
+                 progress: Callable[[int], None]) -> tuple[int, float]:
+    """Read back the events a run stored, in chunks (untimed), and time `write(cursor, rows)` of each chunk, one
+    transaction a chunk. Returns the rows written and the seconds the writes took."""
+    written, seconds, after = 0, 0.0, first_id - 1
+    while rows := stored_rows(after=after, until=last_id, limit=chunk):
+        after = rows[-1][0]
+        started = time.monotonic()
+        with transaction.atomic(), connection.cursor() as cursor:
+            write(cursor, rows)
+        seconds += time.monotonic() - started
+        written += len(rows)
+        progress(len(rows))
+    return written, seconds
 
 
 def copy_ceiling(*, first_id: int, last_id: int, chunk: int = 20_000,
                  progress: Callable[[int], None] = lambda n: None) -> tuple[int, float]:
     """COPY the events a run stored into a bare table (no index, no constraint): the database's own limit for
-    these rows, through the same driver. Rows are read back untimed, in chunks; only the COPY is timed."""
+    these rows, through the same driver."""
     with connection.cursor() as cursor:
         cursor.execute("DROP TABLE IF EXISTS bench_copy_ceiling")
         cursor.execute(
@@ -521,20 +534,12 @@ def copy_ceiling(*, first_id: int, last_id: int, chunk: int = 20_000,
             "event_type varchar(200), conversation_id varchar(64), occurred_at timestamptz, "
             "received_at timestamptz, source varchar(32), payload jsonb)"
         )
-    copied, seconds, after = 0, 0.0, first_id - 1
-    while rows := stored_rows(after=after, until=last_id, limit=chunk):
-        after = rows[-1][0]
-        started = time.monotonic()
-        with transaction.atomic(), connection.cursor() as cursor, \
-                cursor.copy(f"COPY bench_copy_ceiling {COPY_COLUMNS} FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row[1:])
-        seconds += time.monotonic() - started
-        copied += len(rows)
-        progress(len(rows))
+    result = timed_writes(lambda cursor, rows: bulk.copy_rows(cursor, "bench_copy_ceiling", COPY_COLUMNS,
+                                                               (row[1:] for row in rows)),
+                          first_id=first_id, last_id=last_id, chunk=chunk, progress=progress)
     with connection.cursor() as cursor:
         cursor.execute("DROP TABLE bench_copy_ceiling")
-    return copied, seconds
+    return result
 
 
 def storage_floor(*, first_id: int, last_id: int, chunk: int = 20_000,
@@ -548,23 +553,18 @@ def storage_floor(*, first_id: int, last_id: int, chunk: int = 20_000,
         cursor.execute("CREATE TABLE bench_floor_event (LIKE conversations_event INCLUDING ALL)")
         cursor.execute("CREATE TABLE bench_floor_conversation (LIKE conversations_conversation INCLUDING ALL)")
     columns = [c for c in SEED_COLUMNS if c != "conversation_id"]
-    seconds, after = 0.0, first_id - 1
-    while rows := stored_rows(after=after, until=last_id, limit=chunk):
-        after, first = rows[-1][0], rows[0][0]
-        started = time.monotonic()
-        with transaction.atomic(), connection.cursor() as cursor:
-            with cursor.copy(f"COPY bench_floor_event {COPY_COLUMNS} FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row[1:])
-            cursor.execute(
-                f"INSERT INTO bench_floor_conversation (conversation_id, {', '.join(columns)}) "
-                f"SELECT event.dedupe_key, {', '.join(f'conversation.{c}' for c in columns)} "
-                "FROM conversations_event AS event JOIN conversations_conversation AS conversation "
-                "ON conversation.conversation_id = event.conversation_id WHERE event.id BETWEEN %s AND %s",
-                [first, after],
-            )
-        seconds += time.monotonic() - started
-        progress(len(rows))
+
+    def write(cursor: Any, rows: list[tuple]) -> None:
+        bulk.copy_rows(cursor, "bench_floor_event", COPY_COLUMNS, (row[1:] for row in rows))
+        cursor.execute(
+            f"INSERT INTO bench_floor_conversation (conversation_id, {', '.join(columns)}) "
+            f"SELECT event.dedupe_key, {', '.join(f'conversation.{c}' for c in columns)} "
+            "FROM conversations_event AS event JOIN conversations_conversation AS conversation "
+            "ON conversation.conversation_id = event.conversation_id WHERE event.id BETWEEN %s AND %s",
+            [rows[0][0], rows[-1][0]],
+        )
+
+    _, seconds = timed_writes(write, first_id=first_id, last_id=last_id, chunk=chunk, progress=progress)
     with connection.cursor() as cursor:
         cursor.execute("DROP TABLE bench_floor_event, bench_floor_conversation")
     return seconds

@@ -8,7 +8,7 @@ the rows that were written, so the caller knows which events were new.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -77,11 +77,15 @@ def insert_all(*, table: str, columns: Sequence[str], rows: Sequence[Row]) -> No
     if connection.vendor != "postgresql":
         values_insert(table=table, columns=columns, rows=rows, tail="")
         return
-    # Django turns driver errors into its own only around execute(); COPY is the driver's own, so a connection
-    # lost mid-COPY must be wrapped here to reach the writer's retry as django.db.OperationalError.
-    with connection.wrap_database_errors, connection.cursor() as cursor, cursor.copy(
-        f"COPY {qn(table)} ({', '.join(map(qn, columns))}) FROM STDIN"
-    ) as copy:
+    with connection.cursor() as cursor:
+        copy_rows(cursor, qn(table), ", ".join(map(qn, columns)), rows)
+
+
+def copy_rows(cursor: Any, target: str, columns: str, rows: Iterable[Row]) -> None:
+    """COPY rows into `target` (quoted) `columns` (a quoted list). Django turns driver errors into its own only
+    around execute(); COPY is the driver's own, so a connection lost mid-COPY is wrapped here, to reach the
+    writer's retry as django.db.OperationalError."""
+    with connection.wrap_database_errors, cursor.copy(f"COPY {target} ({columns}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
 
@@ -99,9 +103,7 @@ def copy_then_insert(*, table: str, columns: Sequence[str], rows: Sequence[Row],
     stage = staging_table(table)
     cols = ", ".join(map(qn, columns))
     with connection.cursor() as cursor:
-        with connection.wrap_database_errors, cursor.copy(f"COPY {stage} ({cols}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+        copy_rows(cursor, stage, cols, rows)
         cursor.execute(
             f"WITH staged AS (DELETE FROM {stage} RETURNING {cols}) "
             f"INSERT INTO {qn(table)} ({cols}) SELECT {cols} FROM staged {tail}"

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, transaction
 from django.db import connection as db_connection
 
@@ -97,6 +98,16 @@ class Pipeline:
         self.last_commit = float("-inf")
         self.stop = threading.Event()
         self.stage: FoldAhead | None = None
+
+    @classmethod
+    def from_settings(
+        cls, source_name: str, *, after_commit: Iterable[Callable[[services.BatchResult], None]] = (),
+        guard: Callable[[], None] | None = None,
+    ) -> Pipeline:
+        """Sized and staged by the INGEST_* settings, as the worker (and the benchmark, which must match it) runs."""
+        return cls(source_name=source_name, batch_size=settings.INGEST_BATCH_SIZE,
+                   max_age=settings.INGEST_BATCH_MAX_AGE, queue_size=settings.INGEST_QUEUE_SIZE,
+                   fold_ahead=settings.INGEST_FOLD_AHEAD, after_commit=after_commit, guard=guard)
 
     # -- reader side ------------------------------------------------------------------------------
     def read(self, items: Iterable[Envelope]) -> None:

@@ -141,12 +141,8 @@ class Worker:
         # Built once the lease is ours: the checkpoint to resume from is the one the previous holder left.
         source = build_source(self.source_name, config, stop=self.stop, on_connection=gaps.tee(recorder))
         beat = Heartbeat(source_name=self.source_name, stats=source.stats)
-        pipeline = Pipeline(
-            source_name=self.source_name,
-            batch_size=settings.INGEST_BATCH_SIZE,
-            max_age=settings.INGEST_BATCH_MAX_AGE,
-            queue_size=settings.INGEST_QUEUE_SIZE,
-            fold_ahead=settings.INGEST_FOLD_AHEAD,
+        pipeline = Pipeline.from_settings(
+            self.source_name,
             after_commit=[*after_commit_listeners(self.source_name), beat.record_batch],
             guard=lease.fence,
         )

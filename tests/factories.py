@@ -1,7 +1,9 @@
-"""Small builders for SSE payloads and typed events used across the tests."""
+"""Small builders for SSE payloads and typed events used across the tests, and waiting for a condition."""
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -54,3 +56,14 @@ def typed(p: dict[str, Any], *, sse_id: str | None = None) -> TypedEvent:
     event = normalize_sse(orjson.dumps(p).decode(), sse_id=sse_id)
     assert isinstance(event, TypedEvent), event
     return event
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll until `predicate` returns something true and return it; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

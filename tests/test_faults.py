@@ -17,6 +17,8 @@ from django.db.models import Count
 from conversations.models import Conversation, Event, HookDelivery, StreamConnection
 from conversations.normalize import dedupe_key
 
+from tests.factories import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -34,13 +36,6 @@ def output_of(worker: subprocess.Popen) -> str:
     worker.log.seek(0)  # type: ignore[attr-defined]
     return worker.log.read()  # type: ignore[attr-defined]
 
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def stop_worker(worker: subprocess.Popen) -> str:

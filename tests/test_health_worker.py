@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from io import StringIO
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conversations.models import WorkerHeartbeat
 
+from tests.factories import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,13 +31,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
-
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.05)
 
 
 def worker_counters(port: int) -> dict[tuple[str, str], float]:

@@ -29,6 +29,8 @@ from conversations.genesys.simulator_notifications import conversation_snapshot,
 from conversations.genesys.topics import detail_topics
 from conversations.normalize_notifications import normalize_notification
 
+from tests.factories import wait_for
+
 DAY = 24 * 3600.0
 QUEUE_TOPICS = sorted(queue_topic(q.id) for q in QUEUES)
 FAST = NotificationsConfig(
@@ -49,15 +51,6 @@ def server(sim: Simulator) -> Iterator[SimulatorServer]:
     with SimulatorServer(sim) as running:
         yield running
 
-
-def wait_for(predicate: Callable[[], Any], *, timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @dataclass

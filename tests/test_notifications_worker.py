@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,18 +21,11 @@ from conversations.genesys.simulator import Simulator
 from conversations.genesys.simulator_notifications import queue_topic
 from conversations.models import Conversation, Event, StreamConnection
 
+from tests.factories import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.django_db(transaction=True)
 
-
-def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def feed_once_subscribed(sim: Simulator, payloads: list[dict[str, Any]], *, topics: int = 6) -> threading.Thread:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -23,6 +22,8 @@ from conversations.genesys.simulator import Simulator
 from conversations.models import Conversation, Event, Participant, RejectedEvent, StreamCheckpoint, StreamConnection
 from conversations.pipeline import Totals
 from conversations.worker import Worker
+
+from tests.factories import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -41,15 +42,6 @@ def simulator() -> Simulator:
     sim.notifications.heartbeat_interval = 0.5
     return sim
 
-
-def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def unkind_wire(payloads: list[dict[str, Any]], *, seed: int = 3) -> list[dict[str, Any]]:

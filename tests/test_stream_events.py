@@ -1,21 +1,19 @@
 """`manage.py stream_events` end to end: the simulator over loopback HTTP, the real pipeline, the database."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import orjson
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from conversations.models import Conversation, Event, RejectedEvent, StreamCheckpoint
 
-from tests.factories import lifecycle
+from tests.factories import lifecycle, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -31,13 +29,6 @@ def start_worker(env: dict[str, str], *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
-
-def wait_for(predicate, timeout: float = 20.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.05)
 
 
 def test_a_generated_day_is_stored_and_derived(simulator, genesys_settings) -> None:  # noqa: ANN001

@@ -70,7 +70,7 @@ class Page:
     total_hits: int  # conversations the interval holds, as the server counted them for this page
 
 
-class AnalyticsApi:
+class AnalyticsApi(rest.Client):
     """Blocking calls of the details query; one instance may run several queries one after the other."""
 
     def __init__(
@@ -85,20 +85,12 @@ class AnalyticsApi:
         backoff: Callable[[], Backoff] = lambda: Backoff(base=1.0, cap=60.0),
         stop: threading.Event | None = None,
     ) -> None:
-        self.api_url = api_url.rstrip("/")
-        self.tokens = tokens
+        super().__init__(api_url=api_url, tokens=tokens, session=session, timeout=timeout)
         self.page_size = page_size
         self.max_attempts = max_attempts
         self.new_backoff = backoff
         self.stop = stop or threading.Event()
         self.requests = 0
-        self._owns_session = session is None
-        self._session = session or requests.Session()
-        self._timeout = timeout
-
-    def close(self) -> None:
-        if self._owns_session:
-            self._session.close()
 
     # The query, page by page
 
@@ -166,8 +158,7 @@ class AnalyticsApi:
 
     def _request(self, body: dict[str, Any]) -> requests.Response:
         self.requests += 1
-        return rest.request(self._session, "POST", self.api_url + DETAILS_QUERY_PATH, tokens=self.tokens,
-                            timeout=self._timeout, label=f"POST {DETAILS_QUERY_PATH}", json=body)
+        return self.send("POST", DETAILS_QUERY_PATH, json=body)
 
     def _json(self, response: requests.Response) -> dict[str, Any]:
         return rest.json_object(response, label=f"POST {DETAILS_QUERY_PATH}")

@@ -214,7 +214,7 @@ class QueueRef:
     name: str
 
 
-class NotificationsApi:
+class NotificationsApi(rest.Client):
     """Blocking REST calls of the Notifications API; errors classified as the SSE source classifies them."""
 
     def __init__(
@@ -225,15 +225,7 @@ class NotificationsApi:
         session: requests.Session | None = None,
         timeout: tuple[float, float] = (10.0, 30.0),
     ) -> None:
-        self.api_url = api_url.rstrip("/")
-        self.tokens = tokens
-        self._owns_session = session is None
-        self._session = session or requests.Session()
-        self._timeout = timeout
-
-    def close(self) -> None:
-        if self._owns_session:
-            self._session.close()
+        super().__init__(api_url=api_url, tokens=tokens, session=session, timeout=timeout)
 
     # Channels
 
@@ -318,17 +310,13 @@ class NotificationsApi:
     ) -> requests.Response:
         """A response with status 2xx (or 404 when allowed); a 401 gets one new token and one more try."""
         label = f"{what} ({method} {path})"
-        response = rest.renewing_once(lambda: self._request(method, path, params=params, json=json),
+        response = rest.renewing_once(lambda: self.send(method, path, params=params, json=json),
                                       tokens=self.tokens, what=label)
         return rest.checked(
             response, what=label,
             forbidden="the OAuth client's role lacks a permission (see the README: permissions per topic family)",
             accept=lambda status: 200 <= status < 300 or (status == 404 and allow_404),
         )
-
-    def _request(self, method: str, path: str, *, params: dict[str, Any] | None, json: Any) -> requests.Response:
-        return rest.request(self._session, method, self.api_url + path, tokens=self.tokens, timeout=self._timeout,
-                            label=f"{method} {path}", params=params, json=json)
 
     def _json(self, response: requests.Response) -> dict[str, Any]:
         return rest.json_object(response, label=f"{response.request.method} {response.url}")

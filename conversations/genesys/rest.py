@@ -76,3 +76,25 @@ def json_object(response: requests.Response, *, label: str) -> dict[str, Any]:
     except ValueError:
         raise TransientError(f"{label} answered {response.status_code} without a JSON body") from None
     return body if isinstance(body, dict) else {}
+
+
+class Client:
+    """What a Genesys REST client holds: the API URL, the tokens, a session (closed with the client when the
+    client made it) and the timeouts; `send` is one authorized call through request()."""
+
+    def __init__(
+        self, *, api_url: str, tokens: TokenProvider, session: requests.Session | None, timeout: tuple[float, float]
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.tokens = tokens
+        self._owns_session = session is None
+        self._session = session or requests.Session()
+        self._timeout = timeout
+
+    def close(self) -> None:
+        if self._owns_session:
+            self._session.close()
+
+    def send(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        return request(self._session, method, self.api_url + path, tokens=self.tokens, timeout=self._timeout,
+                       label=f"{method} {path}", **kwargs)
