@@ -13,18 +13,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 RUN useradd --system --uid 10001 --user-group --home-dir /app --shell /usr/sbin/nologin monitor
 
-# Dependencies first, in their own layer: a code change does not reinstall them.
-COPY pyproject.toml README.md ./
-RUN mkdir monitor_project conversations \
-    && pip install . \
-    && pip uninstall --yes genesys-conversation-monitor \
-    && rm -rf monitor_project conversations build *.egg-info
+# Dependencies first, in their own layer: a code change does not reinstall them. The lock file pins every
+# package with its hashes; the simulator and the test tools are not in it.
+COPY requirements/production.txt ./requirements/
+RUN pip install --require-hashes --no-deps -r requirements/production.txt
 
 COPY manage.py ./
 COPY monitor_project ./monitor_project
 COPY conversations ./conversations
 COPY templates ./templates
-RUN pip install --no-deps . && rm -rf build *.egg-info
 
 # Static files are baked into the image and served by WhiteNoise; the values here exist only for this step.
 RUN SECRET_KEY=collectstatic-only ALLOWED_HOSTS=localhost python manage.py collectstatic --noinput

@@ -18,18 +18,22 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import ShowFacets
+from django.contrib.admin.utils import unquote
+from django.contrib.auth.models import User
 from django.db import DatabaseError, connections, router
 from django.db.models import Count, Model, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 from django.utils.http import urlencode
 
+from conversations.consumers import can_watch
 from conversations.models import (
     ApiToken,
     Conversation,
@@ -666,8 +670,27 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+SHOWN_ONCE_SESSION_KEY = "api_token_shown_once"  # {"token": pk, "key": plain key} until the key page reads it
+
+
+class ApiTokenForm(forms.ModelForm):
+    class Meta:
+        model = ApiToken
+        fields = ("user", "name")
+
+    def clean_user(self) -> User:
+        """A token grants what its user's session grants: a user who may not watch would get a useless token."""
+        user = self.cleaned_data["user"]
+        if not can_watch(user):
+            raise forms.ValidationError(
+                "The user %(user)s is not active staff, so may not watch conversations; an API token grants "
+                "only what its user's own login grants.", code="may_not_watch", params={"user": user})
+        return user
+
+
 @admin.register(ApiToken)
 class ApiTokenAdmin(ConsoleAdmin):
+    form = ApiTokenForm
     list_display = ("prefix", "name", "user", "created_at", "last_used_at")
     list_select_related = ("user",)
     search_fields = ("=prefix", "=user__username")
@@ -682,6 +705,12 @@ class ApiTokenAdmin(ConsoleAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Sequence[str]:
         return self.readonly_fields if obj is None else ("user", *self.readonly_fields)
 
+    def get_urls(self) -> list[URLPattern]:
+        # Before the default URLs: their "<object_id>/" would also take "<object_id>/key/".
+        key_page = path("<path:object_id>/key/", self.admin_site.admin_view(self.key_view),
+                        name="conversations_apitoken_key")
+        return [key_page, *super().get_urls()]
+
     def save_model(self, request: HttpRequest, obj: ApiToken, form: Any, change: bool) -> None:
         if not change:
             key = new_api_key()
@@ -692,9 +721,27 @@ class ApiTokenAdmin(ConsoleAdmin):
 
     def response_add(self, request: HttpRequest, obj: ApiToken, post_url_continue: str | None = None
                      ) -> HttpResponse:
-        """Show the key once, in this response: it is not in a message, the session or the database."""
-        context = {**self.admin_site.each_context(request), "opts": self.opts, "token": obj,
-                   "key": obj.plain_key, "title": "API token created"}
+        """POST/redirect/GET: a refresh of the page showing the key must not post the form (a second token).
+        The key waits in the session for that one page, which takes it out again."""
+        request.session[SHOWN_ONCE_SESSION_KEY] = {"token": obj.pk, "key": obj.plain_key}
+        return HttpResponseRedirect(reverse("admin:conversations_apitoken_key", args=[obj.pk]))
+
+    def key_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """The token just created, with its key the first time only: a refresh or a later visit shows no key."""
+        token = self.get_object(request, unquote(object_id))
+        if token is None or not self.has_view_or_change_permission(request, token):
+            return HttpResponseRedirect(reverse("admin:conversations_apitoken_changelist"))
+        context = {**self.admin_site.each_context(request), "opts": self.opts, "token": token,
+                   "key": take_shown_once_key(request, token), "title": "API token created"}
         response = TemplateResponse(request, "admin/conversations/apitoken/key_once.html", context)
         response["Cache-Control"] = "no-store"
         return response
+
+
+def take_shown_once_key(request: HttpRequest, token: ApiToken) -> str | None:
+    """The plain key kept for this token's one display, removed from the session as it is read."""
+    kept = request.session.get(SHOWN_ONCE_SESSION_KEY)
+    if not kept or kept.get("token") != token.pk:
+        return None
+    del request.session[SHOWN_ONCE_SESSION_KEY]
+    return kept["key"]

@@ -4,7 +4,9 @@
     GET /api/conversations/<conversation id>/
 
 Authentication: a staff session (the browser), or `Authorization: Token <key>` with a key an admin created
-for an active user (only its SHA-256 is stored). Lists are newest first, paginated by an opaque cursor:
+(only its SHA-256 is stored). A token grants what its user's session grants: an active staff user reads, a
+user who is not (or no longer) staff gets 403, an unknown token or one of a deactivated user 401. Any method
+but GET and HEAD is a JSON 405 with `Allow: GET, HEAD`. Lists are newest first, paginated by an opaque cursor:
 follow `next` until it is null; there is no total count (it would cost a full scan on a large table).
 """
 from __future__ import annotations
@@ -17,11 +19,10 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
 
-from django.contrib.auth.base_user import AbstractBaseUser
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_safe
+from django.views.decorators.csrf import csrf_exempt
 
 from conversations import selectors
 from conversations.consumers import can_watch
@@ -31,21 +32,24 @@ logger = logging.getLogger(__name__)
 
 View = Callable[..., HttpResponse]
 TOKEN_TOUCH_EVERY = timedelta(minutes=1)  # last_used_at is a hint, not an audit log: one UPDATE a minute
+SAFE_METHODS = ("GET", "HEAD")  # the API is read-only: everything else, OPTIONS included, is a JSON 405
 
 
-def token_user(header: str) -> AbstractBaseUser | None:
-    """The active user owning the token in an `Authorization: Token <key>` header, else None."""
+def token_of(header: str) -> ApiToken | None:
+    """The token in an `Authorization: Token <key>` header, if it exists and its user is active, else None."""
     scheme, _, key = header.partition(" ")
     key = key.strip()
     if scheme.lower() != "token" or not key:
         return None
     digest = hashlib.sha256(key.encode()).hexdigest()
     token = ApiToken.objects.select_related("user").filter(key_hash=digest).first()
-    if token is None or not token.user.is_active:
+    if token is None:
         logger.info("API request with an unknown token (prefix %s)", key[:4])
         return None
-    touch_token(token)
-    return token.user
+    if not token.user.is_active:
+        logger.info("API token %s refused: its user %s is deactivated", token.prefix, token.user)
+        return None
+    return token
 
 
 def touch_token(token: ApiToken) -> None:
@@ -54,27 +58,50 @@ def touch_token(token: ApiToken) -> None:
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
 
 
+def refusal(request: HttpRequest) -> JsonResponse | None:
+    """Why this request may not read the API, or None. A token grants exactly what its user's session grants,
+    read from the user's row on every request: demoting or deactivating the user stops the token at once."""
+    header = request.headers.get("Authorization", "")
+    if header:
+        token = token_of(header)
+        if token is None:
+            return _unauthorized("the token is not valid")
+        if not can_watch(token.user):
+            logger.info("API token %s refused: its user %s may not watch conversations", token.prefix, token.user)
+            return JsonResponse({"error": "the token's user is not staff"}, status=403)
+        touch_token(token)
+        request.user = token.user
+    elif not request.user.is_authenticated:
+        return _unauthorized("send Authorization: Token <key>, or log in")
+    elif not can_watch(request.user):
+        return JsonResponse({"error": "staff only"}, status=403)
+    return None
+
+
 def api_view(view: View) -> View:
     """GET/HEAD only; a token, or a staff session; JSON errors with the right status."""
 
     @functools.wraps(view)
     def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        header = request.headers.get("Authorization", "")
-        if header:
-            user = token_user(header)
-            if user is None:
-                return _unauthorized("the token is not valid")
-            request.user = user
-        elif not request.user.is_authenticated:
-            return _unauthorized("send Authorization: Token <key>, or log in")
-        elif not can_watch(request.user):
-            return JsonResponse({"error": "staff only"}, status=403)
+        if request.method not in SAFE_METHODS:
+            return _not_allowed(request)
+        if (refused := refusal(request)) is not None:
+            return refused
         try:
             return view(request, *args, **kwargs)
         except selectors.InvalidFilter as exc:
             return JsonResponse({"error": str(exc)}, status=400)
 
-    return require_safe(never_cache(wrapped))
+    # Exempt from CSRF so that a POST is answered by the JSON 405 above, not by Django's HTML CSRF page.
+    # Safe: CSRF protects requests that change something, and these views answer only GET and HEAD, which
+    # change nothing (the token's last_used_at hint aside); every other method is refused before any work.
+    return csrf_exempt(never_cache(wrapped))
+
+
+def _not_allowed(request: HttpRequest) -> JsonResponse:
+    response = JsonResponse({"error": f"{request.method} is not allowed: the API is read-only"}, status=405)
+    response["Allow"] = ", ".join(SAFE_METHODS)
+    return response
 
 
 def _unauthorized(message: str) -> JsonResponse:

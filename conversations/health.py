@@ -42,8 +42,7 @@ def database_problem() -> str | None:
             cursor.fetchone()
     except DatabaseError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        logger.warning("readyz: database unreachable: %s", reason)
-        return f"database unreachable: {reason}"
+        return f"database unreachable: {reason}"  # unready() logs it
     return None
 
 
@@ -59,7 +58,12 @@ def stream_summary(freshness: heartbeat.Freshness) -> dict[str, object]:
 
 
 def unready(reason: str, **details: object) -> JsonResponse:
-    return JsonResponse({"status": "unready", "reason": reason, **details}, status=503)
+    """A 503 with its reason, logged in one WARNING line. Probes come every few seconds: Django's request logger
+    would add an ERROR line per probe for an expected answer, so the response is marked as already logged."""
+    logger.warning("readyz: not ready: %s", reason)
+    response = JsonResponse({"status": "unready", "reason": reason, **details}, status=503)
+    response._has_been_logged = True  # type: ignore[attr-defined]  # read by django.utils.log.log_response
+    return response
 
 
 PROBES: dict[str, Callable[[HttpRequest], HttpResponse]] = {

@@ -12,7 +12,7 @@ import logging
 import time
 from functools import cache
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import orjson
 import requests
@@ -30,6 +30,14 @@ SETTING_OF_TRIGGER = {"end": "CONVERSATION_HOOKS_END", "wrapup": "CONVERSATION_H
 SIGNATURE_HEADER = "X-Monitor-Signature"
 TIMESTAMP_HEADER = "X-Monitor-Timestamp"
 IDEMPOTENCY_HEADER = "X-Monitor-Idempotency-Key"
+# What replaces a webhook URL's secret parts in a stored error or a log line.
+MASK = "***"
+MAX_ANSWER_SCAN = 2000  # characters of an error answer searched for an echo of the URL
+# The urllib3 loggers that write request paths or URLs (DEBUG request lines, a few warnings).
+URLLIB3_LOGGERS = ("urllib3.connectionpool", "urllib3.connection", "urllib3.util.retry", "urllib3.poolmanager")
+# requests' errors for a URL it cannot post to at all: a configuration error, not worth a retry.
+UNUSABLE_URL = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema)
 
 
 class Hook(Protocol):
@@ -117,7 +125,8 @@ def log_conversation(conversation_id: str, summary: dict[str, Any], idempotency_
 def signed_webhook(conversation_id: str, summary: dict[str, Any], idempotency_key: str) -> None:
     """POST the summary as JSON to every URL in HOOK_WEBHOOK_URLS, signed with HOOK_WEBHOOK_SECRET.
 
-    A retry posts to every URL again, with the same idempotency key: receivers dedupe on it.
+    A retry posts to every URL again, with the same idempotency key: receivers dedupe on it. Logs and errors
+    name a URL by its scheme, host and port only (see loggable).
     """
     urls = settings.HOOK_WEBHOOK_URLS
     if not urls:
@@ -146,6 +155,7 @@ def sign(body: bytes, *, timestamp: int, secret: str) -> str:
 
 
 def post_signed(url: str, body: bytes, *, idempotency_key: str) -> None:
+    install_log_filter()
     timestamp = int(time.time())
     headers = {
         "Content-Type": "application/json",
@@ -155,35 +165,88 @@ def post_signed(url: str, body: bytes, *, idempotency_key: str) -> None:
         IDEMPOTENCY_HEADER: idempotency_key,
     }
     timeout = (settings.HOOK_WEBHOOK_CONNECT_TIMEOUT, settings.HOOK_WEBHOOK_TIMEOUT)
+    where = loggable(url)
+    # Every message below becomes a log line and the delivery's last_error: it names the URL by `where` only,
+    # and none keeps the exception it came from (requests puts the whole URL in its messages).
     try:
         # A redirect is not followed: requests would turn the POST into a body-less GET.
         response = requests.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
     except requests.Timeout as exc:
-        raise TransientHookError(f"webhook {loggable(url)}: timed out ({type(exc).__name__})") from None
+        raise TransientHookError(f"webhook {where}: timed out ({type(exc).__name__})") from None
     except requests.ConnectionError as exc:
-        reason = connection_reason(exc)
-        raise TransientHookError(f"webhook {loggable(url)}: connection failed: {reason}") from None
-    classify_response(loggable(url), response)
+        reason = hidden(connection_reason(exc), url)
+        raise TransientHookError(f"webhook {where}: connection failed: {reason}") from None
+    except UNUSABLE_URL as exc:
+        raise PermanentHookError(f"webhook {where}: not a URL to post to ({type(exc).__name__})") from None
+    except requests.RequestException as exc:
+        raise TransientHookError(f"webhook {where}: the request failed ({type(exc).__name__})") from None
+    classify_response(url, response)
 
 
 def classify_response(url: str, response: requests.Response) -> None:
     status = response.status_code
     if status < 300:
-        logger.info("webhook %s accepted the delivery (%s)", url, status)
+        logger.info("webhook %s accepted the delivery (%s)", loggable(url), status)
         return
-    detail = f"webhook {url} answered {status}: {response.text[:200]}"
+    # Masked before it is cut: a receiver may echo the request ("Cannot POST /services/T000/B000/XXXX").
+    answer = hidden(response.text[:MAX_ANSWER_SCAN], url)[:200]
+    detail = f"webhook {loggable(url)} answered {status}: {answer}"
     if status == 429 or status >= 500:
         raise TransientHookError(detail)
     raise PermanentHookError(detail)
 
 
+# -- keeping webhook URLs out of logs and stored errors ----------------------------------------------
+# A webhook URL's path or query may be its secret (Slack: https://hooks.slack.com/services/T000/B000/XXXX),
+# its user info a password: only the scheme, host and port are ever logged or stored.
+
 def loggable(url: str) -> str:
-    """A webhook URL without credentials or query string, which may carry a token."""
+    """A webhook URL as it may be logged: scheme, host and port; no user info, path or query."""
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    if ":" in host:  # IPv6: urlsplit dropped the brackets
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a port number: requests refuses the URL anyway
+        port = ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+def hidden(text: str, url: str) -> str:
+    """`text` with the URL's user info, path and query masked wherever they appear in it."""
+    for secret in secret_parts(url):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def secret_parts(url: str) -> list[str]:
+    """The parts of a webhook URL that may carry a token, longest first (a path contains shorter pieces)."""
+    parts = urlsplit(url)
+    candidates = [parts.path, parts.query, parts.username or "", parts.password or ""]
+    return sorted((part for part in candidates if len(part) > 1), key=len, reverse=True)
+
+
+class WebhookSecretFilter(logging.Filter):
+    """Masks the configured webhook URLs' secret parts in a urllib3 record (its DEBUG line of every request
+    carries the path) before any handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = message
+        for url in settings.HOOK_WEBHOOK_URLS:
+            masked = hidden(masked, url)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
+
+
+@cache
+def install_log_filter() -> None:
+    """Once per process, before the first webhook request."""
+    log_filter = WebhookSecretFilter()
+    for name in URLLIB3_LOGGERS:
+        logging.getLogger(name).addFilter(log_filter)
 
 
 def connection_reason(exc: requests.ConnectionError) -> str:

@@ -2,8 +2,10 @@
 
 The batch transaction that moves a conversation to ended or wrapped_up also writes one HookDelivery per
 configured hook (unique on conversation, trigger and hook, so duplicates and reordered events write nothing
-twice). After commit each new delivery's id is sent to Celery. A periodic sweeper re-sends deliveries left
-pending (a worker killed between commit and send, a broker that was down) and releases abandoned claims.
+twice). After commit each new delivery's id is sent to Celery, or, with no broker, to the ingest worker's
+in-process runner (tasks.InProcessRunner), never run in the committing thread. A periodic sweeper re-sends
+deliveries left pending (a worker killed between commit and send, a broker that was down, a full in-process
+queue) and releases abandoned claims.
 
 A delivery only moves pending -> running -> succeeded | failed (or back to pending for a retry), and every
 move is a conditional UPDATE, so a task that arrives twice, or two sweepers, never run a hook twice at once.
@@ -14,7 +16,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -110,7 +112,7 @@ def new_delivery(pk: int, conversation: Conversation, trigger: str, hook: str, k
     return delivery
 
 
-# -- sending ids to Celery (after commit) --------------------------------------------------------------
+# -- sending ids to Celery or the in-process runner (after commit) -------------------------------------
 
 
 def enqueue_after_commit(deliveries: Iterable[HookDelivery]) -> None:
@@ -121,14 +123,33 @@ def enqueue_after_commit(deliveries: Iterable[HookDelivery]) -> None:
 
 
 def enqueue(delivery_ids: Sequence[int]) -> int:
-    """Send the ids to Celery in one message per ENQUEUE_CHUNK ids (a `deliver_hooks` task, which the Celery
-    worker fans out into one `deliver_hook` task per id): the process that committed pays one broker round
-    trip per batch, not one per delivery. A broker that is down is logged, not raised: the sweeper re-sends."""
-    from conversations.tasks import deliver_hooks  # tasks import this module
+    """Send the ids to what runs this process's hooks, without waiting for a hook, and stamp those sent.
+
+    With a broker, Celery gets one `deliver_hooks` message per ENQUEUE_CHUNK ids (the Celery worker fans it
+    out into one `deliver_hook` task per id): the process that committed pays one broker round trip per batch,
+    not one per delivery. Without one, the ingest worker's in-process runner (tasks.InProcessRunner) queues
+    them for its threads. A broker that is down, or a runner whose queue is full, leaves the rest pending: the
+    sweeper sends them."""
+    from conversations.tasks import current_runner  # tasks import this module
 
     if not delivery_ids:
         return 0
     announce_mode()
+    runner = current_runner()
+    sent = runner.submit(delivery_ids) if runner is not None else send_to_celery(delivery_ids)
+    if sent:
+        try:
+            mark_sent(sent)
+        except DatabaseError as exc:  # the batch is committed; an unstamped delivery is only sent again
+            logger.warning("outbox: %d hook deliveries sent but not stamped as sent (%s); the sweeper will send "
+                           "them again and each still runs once", len(sent), str(exc).strip().splitlines()[0])
+    return len(sent)
+
+
+def send_to_celery(delivery_ids: Sequence[int]) -> list[int]:
+    """The ids sent, in one message per ENQUEUE_CHUNK; a broker that is down is logged, not raised."""
+    from conversations.tasks import deliver_hooks
+
     sent: list[int] = []
     for start in range(0, len(delivery_ids), ENQUEUE_CHUNK):
         chunk = list(delivery_ids[start:start + ENQUEUE_CHUNK])
@@ -139,13 +160,7 @@ def enqueue(delivery_ids: Sequence[int]) -> int:
                            "will re-send them", len(delivery_ids) - len(sent), len(delivery_ids), exc)
             break
         sent.extend(chunk)
-    if sent:
-        try:
-            mark_sent(sent)
-        except DatabaseError as exc:  # the batch is committed; an unstamped delivery is only sent again
-            logger.warning("outbox: %d hook deliveries sent but not stamped as sent (%s); the sweeper will send "
-                           "them again and each still runs once", len(sent), str(exc).strip().splitlines()[0])
-    return len(sent)
+    return sent
 
 
 def mark_sent(delivery_ids: Sequence[int]) -> None:
@@ -280,7 +295,7 @@ def release_abandoned(*, now: datetime) -> tuple[int, int]:
     return failed, released
 
 
-# -- running one delivery (called by the Celery task) --------------------------------------------------
+# -- running one delivery (a Celery task or an in-process runner thread) -------------------------------
 
 
 @dataclass(frozen=True)
@@ -384,8 +399,6 @@ def held(delivery: HookDelivery) -> QuerySet[HookDelivery]:
 
 
 def schedule_retry(delivery: HookDelivery, outcome: Outcome, *, now: datetime, context: tuple) -> str:
-    from conversations.tasks import deliver_hook
-
     at = now + timedelta(seconds=retry_delay(delivery.attempts))
     changed = held(delivery).update(
         status=Status.PENDING, next_attempt_at=at, enqueued_at=now, last_duration_ms=outcome.duration_ms,
@@ -394,12 +407,24 @@ def schedule_retry(delivery: HookDelivery, outcome: Outcome, *, now: datetime, c
     logger.warning("hook delivery %s: %s on %s of conversation %s failed (attempt %s of %s), retry at %s: %s",
                    *context, at.isoformat(), outcome.error)
     if changed:
-        try:
-            deliver_hook.apply_async((delivery.pk,), eta=at)
-        except (BrokerError, OSError) as exc:
-            logger.warning("hook delivery %s: broker unreachable for the retry (%s); the sweeper sends it",
-                           delivery.pk, exc)
+        send_retry(delivery.pk, at=at)
     return _unless_lost(changed, delivery, "retrying")
+
+
+def send_retry(delivery_id: int, *, at: datetime) -> None:
+    """The in-process runner holds the retry until it is due, Celery gets a task with an eta; one that cannot
+    be sent stays pending and the sweeper sends it once due."""
+    from conversations.tasks import current_runner, deliver_hook
+
+    runner = current_runner()
+    if runner is not None:
+        runner.retry_at(delivery_id, at=at)
+        return
+    try:
+        deliver_hook.apply_async((delivery_id,), eta=at)
+    except (BrokerError, OSError) as exc:
+        logger.warning("hook delivery %s: broker unreachable for the retry (%s); the sweeper sends it",
+                       delivery_id, exc)
 
 
 def _unless_lost(changed: int, delivery: HookDelivery, outcome: str) -> str:
@@ -466,30 +491,12 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return round((end - start).total_seconds(), 3)
 
 
-# -- a sweeper for processes without celery beat (the demo) --------------------------------------------
+# -- the ingest worker's listeners ---------------------------------------------------------------------
 
 
-class PeriodicSweep:
-    """An after-commit listener for the ingest worker when hooks run in-process: sweeps every `interval` s,
-    so retries and leftovers still run in the demo, where no celery beat is started."""
-
-    def __init__(self, *, interval: float) -> None:
-        self.interval = interval
-        self.last = time.monotonic()
-
-    def __call__(self, result: BatchResult) -> None:
-        if time.monotonic() - self.last < self.interval:
-            return
-        self.last = time.monotonic()
-        sweep()
-
-
-def after_commit_listeners() -> list[PeriodicSweep]:
-    """For the ingest worker to call at start: says where hooks run, and returns a sweeper to add to its
-    after-commit listeners when no celery beat runs (no broker: the demo)."""
-    from monitor_project.celery import app
-
+def after_commit_listeners() -> list[Callable[[BatchResult], None]]:
+    """For the ingest worker (and the benchmark, which must match it) to call at start: says where hooks run.
+    Hooks need no after-commit listener: celery beat sweeps when there is a broker, and without one the
+    in-process runner (tasks.in_process_hooks) sweeps on its own clock, whether batches commit or not."""
     announce_mode()
-    if app.conf.task_always_eager:
-        return [PeriodicSweep(interval=settings.HOOK_SWEEP_INTERVAL)]
     return []

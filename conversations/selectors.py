@@ -27,6 +27,7 @@ from conversations.models import (
     StreamConnection,
     WorkerHeartbeat,
 )
+from conversations.normalize_notifications import MEDIA_OF_LIST
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -68,7 +69,13 @@ class ConversationFilter:
 
 TEXT_PARAMS = {"state": "state", "media": "media", "direction": "direction", "queue": "queue", "agent": "agent",
                "wrapup": "wrapup", "q": "q"}
-STATES = {s.value for s in ConversationState}
+STATES = frozenset(s.value for s in ConversationState)
+# What the normalizers store: the media a notification's communication lists name, plus the one value only the
+# analytics enum has; Genesys knows two directions (its "unknown" is stored as no value at all).
+MEDIA_TYPES = frozenset(MEDIA_OF_LIST.values()) | {"internalmessage"}
+DIRECTIONS = frozenset({"inbound", "outbound"})
+# A value outside these sets can match no row: it is a typo or a stale link, so it is named, not silently empty.
+ENUMERATED_PARAMS: dict[str, frozenset[str]] = {"state": STATES, "media": MEDIA_TYPES, "direction": DIRECTIONS}
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -80,8 +87,9 @@ def parse_filters(params: Mapping[str, str]) -> ConversationFilter:
         if len(value) > 200:
             raise InvalidFilter(f"{param} is too long")
         values[name] = value
-    if values["state"] and values["state"] not in STATES:
-        raise InvalidFilter(f"state must be one of {', '.join(sorted(STATES))}")
+    for param, allowed in ENUMERATED_PARAMS.items():
+        if values[param] and values[param] not in allowed:
+            raise InvalidFilter(f"{param} must be one of {', '.join(sorted(allowed))}")
     values["started_from"] = _moment(params.get("from"), "from", end_of_day=False)
     values["started_before"] = _moment(params.get("to"), "to", end_of_day=True)
     return ConversationFilter(**values)

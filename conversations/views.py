@@ -17,7 +17,6 @@ from urllib.parse import quote, urlencode
 
 from asgiref.sync import sync_to_async
 from django.contrib.auth.views import redirect_to_login
-from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, render
@@ -39,14 +38,18 @@ FILTER_PARAMS = ("state", "media", "direction", "queue", "agent", "wrapup", "q",
 
 
 def staff_required(view: View) -> View:
-    """Anonymous -> the login page; logged in but not staff -> 403."""
+    """Anonymous -> the login page; logged in but not staff -> the 403 page.
+
+    The 403 is answered, not raised: a raised PermissionDenied is logged with its traceback, and a refusal is
+    expected, not an error. Django's request logger still writes its one "Forbidden: <path>" WARNING line.
+    """
 
     @functools.wraps(view)
     def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         if not request.user.is_authenticated:
             return redirect_to_login(request.get_full_path())
         if not can_watch(request.user):
-            raise PermissionDenied("staff only")
+            return render(request, "403.html", status=403)
         return view(request, *args, **kwargs)
 
     return wrapped
@@ -136,7 +139,7 @@ def conversation_list(request: HttpRequest) -> HttpResponse:
     except selectors.InvalidFilter as exc:
         error = str(exc)
     params = _filter_params(request)
-    return render(request, "conversations/list.html", {
+    return render(request, "conversations/list.html", status=400 if error else 200, context={
         "page": page,
         "error": error,
         "params": params,
@@ -144,6 +147,8 @@ def conversation_list(request: HttpRequest) -> HttpResponse:
         "next_query": _query({**params, "cursor": page.next_cursor}) if page.next_cursor else "",
         "first_page": not request.GET.get("cursor"),
         "states": [s.value for s in ConversationState],
+        "media_types": sorted(selectors.MEDIA_TYPES),
+        "directions": sorted(selectors.DIRECTIONS),
         "choices": _choices_with(params),
     })
 

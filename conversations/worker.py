@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.core.management.base import CommandError
 
-from conversations import metrics, outbox, realtime, services
+from conversations import metrics, outbox, realtime, services, tasks
 from conversations.backfill import GapFiller
 from conversations.connections import ConnectionRecorder
 from conversations.genesys.auth import TokenProvider
@@ -109,7 +109,7 @@ def after_commit_listeners(source_name: str) -> list[AfterCommit]:
     live = realtime.after_commit_listener()  # None when no live page can hear this process
     if live is not None:
         listeners.append(live)
-    listeners.extend(outbox.after_commit_listeners())  # says where hooks run; a sweeper when there is no broker
+    listeners.extend(outbox.after_commit_listeners())  # none: it says where hooks run
     return listeners
 
 
@@ -151,7 +151,8 @@ class Worker:
         reader = pipeline.start_reader(source_envelopes(source))
         metrics.serve_worker_metrics()
         # Connection history is written until the source has closed its connections; gaps are filled meanwhile.
-        with recorder.running(), gaps.running(pipeline):
+        # Without a broker, hooks run on the in-process runner, stopped last (within its grace) at shutdown.
+        with tasks.in_process_hooks(), recorder.running(), gaps.running(pipeline):
             try:
                 with beat.running():
                     totals = pipeline.run(stop=self.stop, max_events=max_events)

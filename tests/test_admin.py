@@ -332,9 +332,9 @@ def test_events_are_never_added_edited_or_deleted_from_the_admin(operator: Clien
 
 
 def test_an_api_token_shows_its_key_once_and_stores_only_the_hash(operator: Client, caplog: Any) -> None:
-    owner = User.objects.create_user("reporting")
+    owner = User.objects.create_user("reporting", is_staff=True)
     response = operator.post(reverse("admin:conversations_apitoken_add"),
-                             {"user": owner.pk, "name": "BI export"})
+                             {"user": owner.pk, "name": "BI export"}, follow=True)
 
     assert response.status_code == 200 and "no-store" in response["Cache-Control"]
     key = response.context["key"]

@@ -34,7 +34,8 @@ def make_token(user: User) -> str:
 
 @pytest.fixture
 def bi_user() -> User:
-    return get_user_model().objects.create_user("powerbi", password="unused")
+    """A token reads only what its user's session may: the BI account is staff."""
+    return get_user_model().objects.create_user("powerbi", password="unused", is_staff=True)
 
 
 @pytest.fixture
@@ -100,6 +101,7 @@ def test_a_staff_session_reads_the_api_and_other_sessions_are_refused() -> None:
 def test_the_api_is_read_only(token: str) -> None:
     response = Client().post(LIST, {}, headers={"Authorization": f"Token {token}"})
     assert response.status_code == 405
+    assert response["Allow"] == "GET, HEAD" and "read-only" in response.json()["error"]
 
 
 def test_the_list_takes_the_history_filters(token: str) -> None:

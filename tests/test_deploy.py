@@ -75,10 +75,11 @@ def test_services_have_healthchecks_restart_policies_and_a_database_volume(compo
     assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
 
 
-def test_the_image_is_python_311_slim_installs_the_package_and_runs_as_a_user() -> None:
+def test_the_image_is_python_311_slim_installs_the_production_lock_and_runs_as_a_user() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.MULTILINE)
-    assert re.search(r"pip install (--no-deps )?\.", dockerfile)
+    installs = re.findall(r"pip install .*", dockerfile)
+    assert installs == ["pip install --require-hashes --no-deps -r requirements/production.txt"]
     users = re.findall(r"^USER (\S+)$", dockerfile, re.MULTILINE)
     assert users and users[-1] not in ("root", "0")
     ignored = (ROOT / ".dockerignore").read_text().split()

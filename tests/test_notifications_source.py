@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from conversations.genesys.auth import TokenProvider
 from conversations.genesys.backoff import Backoff
 from conversations.genesys.errors import FatalSourceError
 from conversations.genesys.notifications import (
+    CatalogNames,
     ConnectionReport,
     NotificationsApi,
     NotificationsConfig,
@@ -25,7 +27,12 @@ from conversations.genesys.notifications import (
 )
 from conversations.genesys.scenario import AGENTS, QUEUES
 from conversations.genesys.simulator import Simulator, SimulatorServer
-from conversations.genesys.simulator_notifications import conversation_snapshot, message_text, queue_topic
+from conversations.genesys.simulator_notifications import (
+    RestRequest,
+    conversation_snapshot,
+    message_text,
+    queue_topic,
+)
 from conversations.genesys.topics import detail_topics
 from conversations.normalize_notifications import normalize_notification
 
@@ -33,10 +40,19 @@ from tests.factories import wait_for
 
 DAY = 24 * 3600.0
 QUEUE_TOPICS = sorted(queue_topic(q.id) for q in QUEUES)
+# Quick to act, slow to give up: a pong or a socket's opening may take seconds on a loaded machine, and giving
+# up early would reconnect where no test expects it.
 FAST = NotificationsConfig(
-    idle_timeout=2.0, pong_timeout=0.3, sync_interval=0.02, prune_interval=0.0, stable_after=0.0,
-    handover_grace=2.0, report_interval=0.0, open_timeout=2.0, ended_grace=60.0,
+    idle_timeout=2.0, pong_timeout=10.0, sync_interval=0.02, prune_interval=0.0, stable_after=0.0,
+    handover_grace=2.0, report_interval=0.0, open_timeout=30.0, ended_grace=60.0,
 )
+# A generous deadline for what normally takes milliseconds: a passing test never waits it out.
+WAIT = 30.0
+
+# Retries within 0.05 s: only a Retry-After the source honours can space them further apart.
+QUICK_BACKOFF = lambda: Backoff(base=0.01, cap=0.05)  # noqa: E731
+# The same, but with room under its cap for a Retry-After of a few seconds.
+ROOMY_BACKOFF = lambda: Backoff(base=0.01, cap=5.0)  # noqa: E731
 
 
 @pytest.fixture
@@ -106,19 +122,19 @@ def start(sim: Simulator, server: SimulatorServer) -> Iterator[Callable[..., Run
     running: list[Running] = []
 
     def start_source(config: NotificationsConfig = FAST, *, client_secret: str = "sim-secret",
-                     ready: bool = True) -> Running:
+                     ready: bool = True, backoff: Callable[[], Backoff] = QUICK_BACKOFF) -> Running:
         tokens = TokenProvider(login_url=server.url, client_id="sim-client", client_secret=client_secret)
         run = Running(source=None, sim=sim)  # type: ignore[arg-type]
         run.source = NotificationsSource(
             api=NotificationsApi(api_url=server.url, tokens=tokens), config=config,
-            backoff=lambda: Backoff(base=0.01, cap=0.05), clock=sim.notifications.now,
+            backoff=backoff, clock=sim.notifications.now,
             on_connection=run.reports.append,
         )
         run.thread = threading.Thread(target=run.consume, daemon=True)
         run.thread.start()
         running.append(run)
         if ready:
-            assert run.source.wait_ready(5)
+            assert run.source.wait_ready(WAIT)
             run.channel()
         return run
 
@@ -238,10 +254,153 @@ def test_refused_detail_topics_leave_conversations_to_their_snapshots(
     assert not run.errors and run.source.stats.reconnects == 0
 
 
+def gaps(requests_made: list[RestRequest]) -> list[float]:
+    """Seconds between one request's arrival and the next's, as the simulator recorded them."""
+    return [later.at - earlier.at for earlier, later in zip(requests_made, requests_made[1:], strict=False)]
+
+
+def test_a_429_on_channel_creation_is_retried_only_after_its_retry_after(
+    start: Callable[..., Running], sim: Simulator, caplog: pytest.LogCaptureFixture,
+) -> None:
+    sim.notifications.fail_next("create_channel", 429, count=2, retry_after=1)
+    with caplog.at_level(logging.WARNING, logger="conversations.genesys.notifications"):
+        run = start(backoff=ROOMY_BACKOFF)
+    attempts = sim.notifications.requests("create_channel")
+    assert [a.status for a in attempts] == [429, 429, 200]
+    assert all(gap >= 0.95 for gap in gaps(attempts)), gaps(attempts)
+    waits = [r.getMessage() for r in caplog.records if "Retry-After" in r.getMessage()]
+    assert len(waits) == 2 and all("asked to wait 1s (Retry-After)" in line for line in waits)
+    payloads = feed(sim, 1)
+    wait_for(lambda: received_keys(run) >= snapshot_keys(payloads), what="events once connected")
+    assert run.source.stats.channels_created == 1 and not run.errors
+
+
+def test_a_429_on_subscribing_a_new_channel_is_retried_only_after_its_retry_after(
+    start: Callable[..., Running], sim: Simulator,
+) -> None:
+    sim.notifications.fail_next("subscriptions", 429, retry_after=1)
+    run = start(backoff=ROOMY_BACKOFF)
+    puts = sim.notifications.requests("subscriptions")
+    assert [(p.method, p.status) for p in puts] == [("PUT", 429), ("PUT", 200)]
+    assert gaps(puts)[0] >= 0.95
+    assert run.subscribed(run.channel()) == QUEUE_TOPICS and run.source.stats.channels_created == 1
+    payloads = feed(sim, 1)
+    wait_for(lambda: received_keys(run) >= snapshot_keys(payloads), what="events once subscribed")
+
+
+def test_a_429_on_adding_detail_topics_is_retried_only_after_its_retry_after(
+    start: Callable[..., Running], sim: Simulator,
+) -> None:
+    run = start(backoff=ROOMY_BACKOFF)
+    channel = run.channel()
+    sim.notifications.fail_next("subscriptions", 429, retry_after=1)
+    script = sim.scenario.script()
+    sim.append(script.next_event(sim.notifications.now()))
+    topics = set(detail_topics(script.conversation_id))
+    wait_for(lambda: topics <= set(run.subscribed(channel)), what="the conversation's detail topics")
+    posts = [r for r in sim.notifications.requests("subscriptions") if r.method == "POST"]
+    assert [p.status for p in posts][:2] == [429, 200] and gaps(posts)[0] >= 0.95
+
+
+def test_a_retry_after_beyond_the_backoff_cap_is_still_waited_in_full(
+    start: Callable[..., Running], sim: Simulator, caplog: pytest.LogCaptureFixture,
+) -> None:
+    sim.notifications.fail_next("create_channel", 429, retry_after=2)
+    with caplog.at_level(logging.WARNING, logger="conversations.genesys.notifications"):
+        start(backoff=lambda: Backoff(base=0.01, cap=0.5))
+    attempts = sim.notifications.requests("create_channel")
+    assert [a.status for a in attempts] == [429, 200]
+    assert gaps(attempts)[0] >= 1.9
+    assert any("asked to wait 2s (Retry-After)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_429_on_checking_the_channel_is_retried_only_after_its_retry_after(
+    start: Callable[..., Running], sim: Simulator,
+) -> None:
+    run = start(backoff=ROOMY_BACKOFF)
+    channel = run.channel()
+    sim.notifications.fail_next("head_channel", 429, retry_after=1)
+    sim.notifications.drop_socket()
+    wait_for(lambda: sim.notifications.stats["sockets_opened"] == 2, what="a new socket")
+    heads = sim.notifications.requests("head_channel")
+    assert [h.status for h in heads] == [429, 200] and gaps(heads)[0] >= 0.95
+    assert sim.notifications.channel_ids() == [channel]
+
+
+def test_a_429_on_listing_the_queues_is_retried_only_after_its_retry_after(
+    start: Callable[..., Running], sim: Simulator,
+) -> None:
+    sim.notifications.fail_next("queues", 429, retry_after=1)
+    run = start(backoff=ROOMY_BACKOFF)
+    listings = sim.notifications.requests("queues")
+    assert [q.status for q in listings] == [429, 200] and gaps(listings)[0] >= 0.95
+    assert run.subscribed(run.channel()) == QUEUE_TOPICS
+
+
+def test_stop_interrupts_a_retry_after_wait(start: Callable[..., Running], sim: Simulator) -> None:
+    sim.notifications.fail_next("create_channel", 429, count=5, retry_after=30)
+    run = start(ready=False, backoff=lambda: Backoff(base=0.01, cap=60.0))
+    wait_for(lambda: sim.notifications.requests("create_channel"), what="the first channel request")
+    time.sleep(0.3)  # long enough for a retry that ignored Retry-After
+    started = time.monotonic()
+    run.stop()
+    # Far from the 30 s Retry-After, with room for a loaded machine.
+    assert time.monotonic() - started < 10 and not run.thread.is_alive()  # type: ignore[union-attr]
+    assert [a.status for a in sim.notifications.requests("create_channel")] == [429]
+    assert not run.errors
+
+
 def test_bad_credentials_are_fatal(start: Callable[..., Running]) -> None:
     run = start(client_secret="wrong", ready=False)
     wait_for(lambda: run.errors, what="the source to fail")
     assert isinstance(run.errors[0], FatalSourceError) and "sim-client" in str(run.errors[0])
+
+
+def test_after_a_429_wrapup_codes_are_not_looked_up_until_its_retry_after_passes(
+    server: SimulatorServer,
+) -> None:
+    tokens = TokenProvider(login_url=server.url, client_id="sim-client", client_secret="sim-secret")
+    with Busy(retry_after=30) as busy:
+        names = CatalogNames(NotificationsApi(api_url=busy.url, tokens=tokens))
+        assert [names.wrapup_name(code) for code in ("code-1", "code-1", "code-2")] == [None, None, None]
+    assert busy.requests == ["/api/v2/routing/wrapupcodes/code-1"]
+
+
+class Busy:
+    """A loopback stand-in for the API (the simulator has no failure knob for wrap-up codes): every GET is
+    answered 429 with a Retry-After; the paths asked for are recorded."""
+
+    def __init__(self, *, retry_after: int) -> None:
+        self.requests: list[str] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _busy_handler(self.requests, retry_after))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True)
+
+    def __enter__(self) -> Busy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _busy_handler(requests_seen: list[str], retry_after: int) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests_seen.append(self.path)
+            body = b'{"message": "Rate limit exceeded", "code": "too.many.requests.retry.after"}'
+            self.send_response(429)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Retry-After", str(retry_after))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
+            return
+
+    return Handler
 
 
 # --- topic limits ------------------------------------------------------------------------------------------
@@ -404,7 +563,7 @@ def test_an_evicted_channel_is_replaced_and_the_operator_told(
     token = TokenProvider(login_url=server.url, client_id="sim-client", client_secret="sim-secret").token()
     with caplog.at_level(logging.WARNING):
         for _ in range(20):  # another process of the same OAuth client opens channels: the 21st evicts ours
-            requests.post(f"{server.url}/api/v2/notifications/channels", timeout=3,
+            requests.post(f"{server.url}/api/v2/notifications/channels", timeout=WAIT,
                           headers={"Authorization": f"Bearer {token}"}).raise_for_status()
         wait_for(lambda: run.source.stats.channels_created == 2 and run.channel() != ours, what="a new channel")
     assert run.source.stats.evictions == 1 and ours not in sim.notifications.channel_ids()
@@ -433,5 +592,5 @@ def test_stop_closes_the_socket_promptly_and_records_why(start: Callable[..., Ru
     started = time.monotonic()
     run.stop()
     assert time.monotonic() - started < 5 and not run.thread.is_alive()  # type: ignore[union-attr]
-    assert sim.notifications.wait_for_sockets(0, timeout=2)
+    assert sim.notifications.wait_for_sockets(0, timeout=WAIT)
     assert run.reports[-1].disconnect_reason == "worker stopping"

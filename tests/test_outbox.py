@@ -1,11 +1,11 @@
-"""The hook outbox in eager mode (tasks run in-process, as in the demo): exactly one delivery per
+"""The hook outbox in eager mode (tasks run in the calling process, as `rerun_hooks` and the admin do without a
+broker; the ingest worker's in-process runner is tests/test_hooks_inprocess.py): exactly one delivery per
 conversation, trigger and hook, whatever the events do; the sweeper; retries; re-runs. Counted with recording
 hooks."""
 from __future__ import annotations
 
 import random
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
@@ -370,21 +370,6 @@ def test_a_bad_dotted_path_is_a_configuration_error_naming_the_variable(settings
     assert error.id == "conversations.E101" and "CONVERSATION_HOOKS_WRAPUP" in error.msg
 
 
-def test_the_hook_lists_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    import environ
-
-    from monitor_project.settings.base import conversation_hooks
-
-    monkeypatch.setenv("CONVERSATION_HOOKS_END", f"{RECORD},{LOG}")
-    monkeypatch.setenv("CONVERSATION_HOOKS_WRAPUP", "")
-    monkeypatch.setenv("HOOK_WEBHOOK_URLS", "https://crm.example/hook")
-    assert conversation_hooks(environ.Env()) == {"end": [RECORD, LOG], "wrapup": []}
-    monkeypatch.delenv("CONVERSATION_HOOKS_END")
-    assert conversation_hooks(environ.Env())["end"] == [LOG, "conversations.hooks.signed_webhook"]
-    monkeypatch.delenv("HOOK_WEBHOOK_URLS")
-    assert conversation_hooks(environ.Env())["end"] == [LOG]
-
-
 def test_without_a_broker_tasks_run_in_process_and_the_log_says_so(caplog: pytest.LogCaptureFixture) -> None:
     from monitor_project.celery import describe_mode
 
@@ -443,15 +428,3 @@ def test_the_rerun_hooks_command_selects_by_conversation_trigger_hook_and_failur
     call_command("rerun_hooks", "--failed-since", "2026-01-01T00:00:00Z", "--trigger", "wrapup")
     assert capsys.readouterr().out.startswith("2 hook deliveries matched, 2 re-run")
     assert sorted(cid for _, cid, _, _ in calls("fail")) == ["conv-1", "conv-2"]
-
-
-def test_without_beat_the_ingest_worker_gets_a_sweeper_that_runs_every_interval(settings: Any) -> None:
-    settings.HOOK_SWEEP_INTERVAL = 0.2
-    settings.HOOK_SWEEP_GRACE = 0
-    [sweeper] = outbox.after_commit_listeners()
-    commit_without_enqueue(lifecycle("conv-1"))
-    sweeper(services.BatchResult())  # too soon after start: nothing swept
-    assert calls() == []
-    time.sleep(0.25)
-    sweeper(services.BatchResult())
-    assert len(calls()) == 2 and HookDelivery.objects.filter(status="succeeded").count() == 4

@@ -29,13 +29,19 @@ from conversations.genesys.simulator_notifications import (
     snapshot_topics,
     user_topic,
 )
-from tests.test_simulator import get_token, open_stream, read_events
+from tests.factories import wait_for
+from tests.test_simulator import assert_genesys_error, get_token, open_stream, read_events
 
 DAY = 24 * 3600
 DETAIL_KINDS = (
     "customer.start", "customer.end", "acd.start", "acd.end", "user.start", "user.end", "acw", "wrapup",
 )
 ALL_QUEUE_TOPICS = [queue_topic(queue.id) for queue in QUEUES]
+# A generous deadline for what normally takes milliseconds: a passing test never waits it out, a loaded one may
+# need seconds.
+WAIT = 30.0
+PING = '{"message":"ping"}'
+PONG = {"topicName": "channel.metadata", "eventBody": {"message": "pong"}}
 
 
 # --- fixtures and a small client ----------------------------------------------------------------------------
@@ -61,7 +67,7 @@ class Api:
 
     def call(self, method: str, path: str, *, token: str | None = None, **kwargs: Any) -> requests.Response:
         headers = {"Authorization": f"Bearer {token or self.token}"}
-        return requests.request(method, f"{self.url}{path}", headers=headers, timeout=3, **kwargs)
+        return requests.request(method, f"{self.url}{path}", headers=headers, timeout=WAIT, **kwargs)
 
     def channel(self) -> dict[str, Any]:
         response = self.call("POST", "/api/v2/notifications/channels")
@@ -92,15 +98,15 @@ def api(server: SimulatorServer) -> Api:
 
 def open_socket(channel: dict[str, Any]) -> ClientConnection:
     return connect(
-        channel["connectUri"], open_timeout=3, close_timeout=2, ping_interval=None, compression=None
+        channel["connectUri"], open_timeout=WAIT, close_timeout=2, ping_interval=None, compression=None
     )
 
 
-def receive(ws: ClientConnection, timeout: float = 2.0) -> dict[str, Any]:
+def receive(ws: ClientConnection, timeout: float = WAIT) -> dict[str, Any]:
     return dict(json.loads(ws.recv(timeout=timeout)))
 
 
-def events(ws: ClientConnection, count: int, *, timeout: float = 3.0) -> list[dict[str, Any]]:
+def events(ws: ClientConnection, count: int, *, timeout: float = WAIT) -> list[dict[str, Any]]:
     """The next `count` messages that are not channel.metadata (heartbeats, pongs)."""
     received: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
@@ -111,19 +117,19 @@ def events(ws: ClientConnection, count: int, *, timeout: float = 3.0) -> list[di
     return received
 
 
-def quiet(ws: ClientConnection, seconds: float = 0.3) -> list[dict[str, Any]]:
-    """Everything (but channel.metadata) that arrives until nothing has for `seconds`."""
+def sent_so_far(ws: ClientConnection) -> list[dict[str, Any]]:
+    """Everything (but channel.metadata) the simulator has queued for this socket so far. A ping's pong takes
+    the same in-order path as what was queued before it, so it marks the end: no guessing how long a busy machine
+    needs to send it all."""
+    ws.send(PING)
     received: list[dict[str, Any]] = []
-    while True:
-        try:
-            message = receive(ws, timeout=seconds)
-        except TimeoutError:
-            return received
+    while (message := receive(ws)) != PONG:
         if message["topicName"] != "channel.metadata":
             received.append(message)
+    return received
 
 
-def until_closed(ws: ClientConnection, timeout: float = 3.0) -> tuple[list[dict[str, Any]], ConnectionClosed]:
+def until_closed(ws: ClientConnection, timeout: float = WAIT) -> tuple[list[dict[str, Any]], ConnectionClosed]:
     """Every message until the server closes the socket, and how it closed."""
     received: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
@@ -220,7 +226,7 @@ def test_the_21st_channel_evicts_the_oldest_and_tells_its_socket(api: Api, sim: 
 def test_a_socket_on_an_unknown_channel_is_refused(api: Api) -> None:
     channel = api.channel()
     with pytest.raises(InvalidStatus) as refused:
-        connect(channel["connectUri"] + "x", open_timeout=3)
+        connect(channel["connectUri"] + "x", open_timeout=WAIT)
     assert refused.value.response.status_code == 404
 
 
@@ -232,6 +238,44 @@ def test_rest_calls_need_a_valid_token(api: Api, sim: Simulator) -> None:
     assert api.call("GET", "/api/v2/routing/queues", token="nope").status_code == 401
     body = api.call("PUT", f"{path}/subscriptions", token="nope", json=[])
     assert body.status_code == 401 and body.json()["code"] == "bad.credentials"
+
+
+def test_fail_next_answers_channel_creation_with_429_and_retry_after_then_creates(
+    api: Api, sim: Simulator,
+) -> None:
+    sim.notifications.fail_next("create_channel", 429, count=2, retry_after=30)
+    for _ in range(2):
+        refused = api.call("POST", "/api/v2/notifications/channels")
+        assert_genesys_error(refused, 429, "too.many.requests.retry.after")
+        assert refused.headers["Retry-After"] == "30"
+    assert api.channel()["id"] in sim.notifications.channel_ids()
+    assert sim.notifications.stats["channels_created"] == 1
+
+
+def test_fail_next_answers_subscriptions_with_429_and_changes_nothing(api: Api, sim: Simulator) -> None:
+    channel = api.channel()
+    sim.notifications.fail_next("subscriptions", 429, count=2, retry_after=2)
+    assert api.subscribe(channel["id"], ALL_QUEUE_TOPICS[:1]).headers["Retry-After"] == "2"
+    assert api.subscribe(channel["id"], ALL_QUEUE_TOPICS[:1], method="POST").status_code == 429
+    assert api.topics(channel["id"]) == []
+    assert api.subscribe(channel["id"], ALL_QUEUE_TOPICS[:1]).status_code == 200
+
+
+def test_rest_requests_are_recorded_with_their_answer_and_arrival_time(api: Api, sim: Simulator) -> None:
+    sim.notifications.fail_next("create_channel", 503)
+    api.call("POST", "/api/v2/notifications/channels")
+    channel = api.channel()
+    api.head(channel["id"])
+    recorded = sim.notifications.requests()
+    assert [(r.endpoint, r.method, r.status) for r in recorded] == [
+        ("create_channel", "POST", 503), ("create_channel", "POST", 200), ("head_channel", "HEAD", 200)]
+    assert recorded[0].at <= recorded[1].at <= recorded[2].at <= time.monotonic()
+    assert sim.notifications.requests("head_channel") == recorded[2:]
+
+
+def test_fail_next_refuses_an_endpoint_it_does_not_know(sim: Simulator) -> None:
+    with pytest.raises(ValueError, match="unknown endpoint"):
+        sim.notifications.fail_next("channel", 429)
 
 
 # --- subscriptions ----------------------------------------------------------------------------------------
@@ -321,10 +365,10 @@ def test_heartbeats_arrive_while_the_socket_is_idle(api: Api, sim: Simulator) ->
 
 def test_a_ping_gets_a_pong_unless_pings_go_unanswered(api: Api, sim: Simulator) -> None:
     with open_socket(api.channel()) as ws:
-        ws.send('{"message":"ping"}')
-        assert receive(ws) == {"topicName": "channel.metadata", "eventBody": {"message": "pong"}}
+        ws.send(PING)
+        assert receive(ws) == PONG
         sim.notifications.answer_pings = False
-        ws.send('{"message":"ping"}')
+        ws.send(PING)
         with pytest.raises(TimeoutError):
             receive(ws, timeout=0.3)
     stats = sim.notifications.stats
@@ -358,7 +402,7 @@ def test_socket_closing_handover_loses_no_message(api: Api, sim: Simulator) -> N
             if number == len(payloads) // 3:
                 sim.notifications.socket_closing(close_after=None)
             if number == len(payloads) // 2:  # keep publishing through the handover, but not past it all
-                wait_until(lambda: sim.notifications.stats["sockets_kicked"] == 1)
+                wait_for(lambda: sim.notifications.stats["sockets_kicked"] == 1, what="the old socket kicked")
             sim.append(payload)
             time.sleep(0.001)
 
@@ -375,18 +419,11 @@ def test_socket_closing_handover_loses_no_message(api: Api, sim: Simulator) -> N
         rest_of_old, closed = until_closed(old)
         writer.join()
         after = events(new, sum(expected.values()) - len(before) - len(rest_of_old))
-        assert quiet(new, 0.2) == []
+        assert sent_so_far(new) == []
     assert closed.rcvd is not None and closed.rcvd.code == 1000
     received = Counter(snapshot_key(m["topicName"], m["eventBody"]) for m in before + rest_of_old + after)
     assert received == expected
     assert before and after  # the handover happened mid-stream
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def test_socket_closing_is_followed_by_a_1001_close(api: Api, sim: Simulator) -> None:
@@ -434,7 +471,7 @@ def test_a_stalled_socket_stays_open_and_sends_nothing(api: Api, sim: Simulator)
                 receive(ws, timeout=0.1)
             except TimeoutError:
                 break
-        ws.send('{"message":"ping"}')
+        ws.send(PING)
         sim.generate(1)
         with pytest.raises(TimeoutError):
             receive(ws, timeout=0.4)
@@ -471,7 +508,7 @@ def test_messages_reach_only_the_channels_subscribed_to_their_topics(api: Api, s
         assert sim.notifications.wait_for_sockets(3)
         for payload in payloads:
             sim.append(payload)
-        queue_messages, user_messages, other = quiet(q_ws), quiet(u_ws), quiet(e_ws)
+        queue_messages, user_messages, other = sent_so_far(q_ws), sent_so_far(u_ws), sent_so_far(e_ws)
     assert {m["topicName"] for m in queue_messages} == {queue_topic(queue_id)}
     # Once an agent joined, each snapshot arrives once per matching topic: queue topic and user topic.
     assert Counter(m["topicName"] for m in user_messages)[user_topic(user_id)] == len(payloads) - 1
@@ -491,7 +528,7 @@ def test_a_lifecycle_becomes_detail_events_with_the_sse_times(api: Api, sim: Sim
         assert sim.notifications.wait_for_sockets(1)
         for payload in payloads:
             sim.append(payload)
-        received = quiet(ws)
+        received = sent_so_far(ws)
     kinds = [m["topicName"].removeprefix(f"v2.detail.events.conversation.{conversation}.") for m in received]
     assert Counter(kinds) == Counter(
         {"customer.start": 1, "acd.start": 1, "acd.end": 1, "user.start": 2, "user.end": 3, "customer.end": 1,
@@ -522,7 +559,7 @@ def test_a_duplicate_payload_repeats_the_snapshot_but_no_detail_event(api: Api, 
         assert sim.notifications.wait_for_sockets(1)
         for payload in [*payloads[:-1], payloads[-2]]:  # the end payload twice
             sim.append(payload)
-        received = quiet(ws)
+        received = sent_so_far(ws)
     topics = Counter(m["topicName"] for m in received)
     assert topics[detail_topic(conversation, "customer.end")] == 1
     assert sum(n for topic, n in topics.items() if topic in ALL_QUEUE_TOPICS) >= len(payloads)
@@ -540,11 +577,11 @@ def test_while_paused_nothing_is_delivered_and_the_gap_stays_a_gap(
         sim.notifications.paused = True
         for payload in payloads[:2]:
             sim.append(payload)
-        assert quiet(ws) == []
+        assert sent_so_far(ws) == []
         sim.notifications.paused = False
         for payload in payloads[2:]:
             sim.append(payload)
-        received = quiet(ws)
+        received = sent_so_far(ws)
     assert sim.notifications.stats["lost_while_paused"] > 0
     kinds = {kind_of(m["topicName"]) for m in received if m["topicName"].startswith("v2.detail.")}
     # The starts were lost with the gap, never sent late.
@@ -571,7 +608,7 @@ def test_sse_and_notifications_end_in_the_same_state(
         assert sim.notifications.wait_for_sockets(1)
         for payload in payloads:
             sim.append(payload)
-        received = quiet(ws)
+        received = sent_so_far(ws)
     with open_stream(server, get_token(server)) as response:
         sse = [event for _, event in read_events(response, len(payloads))]
 

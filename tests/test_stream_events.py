@@ -159,3 +159,12 @@ def test_tokens_never_reach_the_logs(simulator, worker_env) -> None:  # noqa: AN
     issued = simulator.issued_tokens()
     assert issued and not any(token in out + err for token in issued)
     assert "sim-secret" not in out + err
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "abc"])
+def test_a_max_events_below_one_is_refused_naming_the_option(value: str) -> None:
+    done = subprocess.run([sys.executable, "manage.py", "stream_events", "--max-events", value], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"argument --max-events: expected a whole number of at least 1, not '{value}'" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -69,6 +69,7 @@ class Receiver:
         self.duplicates = 0
         self.answers: list[int] = []  # statuses to answer instead, one per request, before processing
         self.delays: list[float] = []  # seconds to stall, one per request
+        self.echo_path = False  # answer with the request line, as many servers' error pages do
         self.clock_offset = 0.0
 
     def handle(self, headers: dict[str, str], body: bytes) -> tuple[int, str]:
@@ -104,6 +105,8 @@ def receiver() -> Iterator[tuple[Receiver, str]]:
         def do_POST(self) -> None:  # noqa: N802 (http.server's name)
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             status, text = state.handle(dict(self.headers.items()), body)
+            if state.echo_path:
+                text = f"{text}: cannot {self.command} {self.path}"
             payload = text.encode()
             try:
                 self.send_response(status)
@@ -203,13 +206,18 @@ def test_a_replayed_request_is_rejected_and_never_processed_twice(receiver: tupl
     assert set(state.processed.values()) == {1} and len(state.processed) == 2
 
 
+def origin(url: str) -> str:
+    """Scheme, host and port: all of a webhook URL that a log line or a stored error may show."""
+    return url.split("/hooks/")[0]
+
+
 def test_a_4xx_answer_fails_the_delivery_without_retrying(receiver: tuple[Receiver, str]) -> None:
     state, url = receiver
     state.answers = [404]
     ingest(lifecycle("conv-1")[:4])
     delivery = HookDelivery.objects.get()
     assert (delivery.status, delivery.attempts) == ("failed", 1)
-    assert delivery.last_error == f"PermanentHookError: webhook {url} answered 404: no such account"
+    assert delivery.last_error == f"PermanentHookError: webhook {origin(url)} answered 404: no such account"
     assert len(state.requests) == 1
 
 
@@ -241,7 +249,7 @@ def test_a_refused_connection_is_retried_then_fails_with_its_error(settings: Any
     ingest(lifecycle("conv-1")[:4])
     delivery = HookDelivery.objects.get()
     assert (delivery.status, delivery.attempts) == ("failed", 4)
-    expected = "TransientHookError: webhook http://127.0.0.1:9/hooks: connection failed: NewConnectionError"
+    expected = "TransientHookError: webhook http://127.0.0.1:9: connection failed: NewConnectionError"
     assert delivery.last_error.startswith(expected)
 
 
@@ -259,6 +267,36 @@ def test_the_secret_is_never_logged(caplog: pytest.LogCaptureFixture, receiver: 
     with caplog.at_level("DEBUG"):
         ingest(lifecycle("conv-1"))
     assert caplog.records and SECRET not in caplog.text
+
+
+# A Slack-style webhook: the path is the credential.
+SECRET_PATH = "/services/T000/B000/XXXXsecretXXXX"
+
+
+def test_a_secret_in_the_webhook_path_reaches_no_log_line_and_no_stored_error(
+    settings: Any, caplog: pytest.LogCaptureFixture, receiver: tuple[Receiver, str]
+) -> None:
+    state, url = receiver
+    state.echo_path = True
+    with caplog.at_level("DEBUG"), caplog.at_level("DEBUG", logger="urllib3"):
+        settings.HOOK_WEBHOOK_URLS = [origin(url) + SECRET_PATH]
+        state.answers = [500]  # refused once, then delivered
+        ingest(lifecycle("conv-1")[:4])
+        state.answers = [404]  # an error page that quotes the request line
+        ingest(lifecycle("conv-2")[:4])
+        settings.HOOK_WEBHOOK_URLS = ["http://127.0.0.1:9" + SECRET_PATH]  # connection refused
+        ingest(lifecycle("conv-3")[:4])
+
+    outcomes = dict(HookDelivery.objects.values_list("conversation__conversation_id", "status"))
+    assert outcomes == {"conv-1": "succeeded", "conv-2": "failed", "conv-3": "failed"}
+    assert len(state.requests) == 3
+    assert any("urllib3" in record.name for record in caplog.records)  # its DEBUG request lines were there
+    assert any(origin(url) in record.getMessage() for record in caplog.records)
+    errors = list(HookDelivery.objects.values_list("last_error", flat=True))
+    assert [e.split(":")[0] for e in sorted(errors)] == ["PermanentHookError", "TransientHookError",
+                                                          "TransientHookError"]
+    for text in [caplog.text, *errors, *(record.getMessage() for record in caplog.records)]:
+        assert "XXXXsecretXXXX" not in text and "/services/" not in text, text
 
 
 def test_the_webhook_without_a_secret_is_a_configuration_error(settings: Any) -> None:

@@ -10,7 +10,10 @@ What a real Genesys Cloud org offers for live conversations (../shared/genesys/R
   `v2.system.socket_closing`: the new socket is opened first, the old one drained, then closed. A drop or a
   close: reconnect to the same channel while HEAD says it lives, else create a channel and subscribe its whole
   topic list again. Channels are re-subscribed before their 24 h end. Eviction (`no_longer_subscribed`) and
-  token revocation get a new channel (and a new token). Every failure waits a capped backoff with jitter.
+  token revocation get a new channel (and a new token). Every failure waits a capped backoff with jitter, and
+  never less than the Retry-After Genesys gave (even above the backoff's cap: what a wait loses, the gap
+  backfill fetches again), whichever REST call
+  (queue listing, channel, HEAD, subscriptions, wrap-up codes) got it.
 * Topics are spread over channels by conversations.genesys.topics.TopicBudget; each discovered conversation's
   detail-event topics are subscribed, and dropped once it is wrapped up.
 
@@ -38,7 +41,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from conversations.events import EventKind, Reject, TypedEvent
 from conversations.genesys import rest
 from conversations.genesys.auth import TokenProvider
-from conversations.genesys.backoff import Backoff
+from conversations.genesys.backoff import Backoff, parse_retry_after
 from conversations.genesys.errors import FatalSourceError, TransientError, short_reason
 from conversations.genesys.topics import (
     DETAIL_EVENT_TYPES,
@@ -350,21 +353,30 @@ class CatalogNames:
         self._api = api
         self._queues = {q.id: q.name for q in queues if q.name}
         self._wrapups: dict[str, str | None] = {}
+        # time.monotonic() before which no code is looked up: Genesys's Retry-After. A skipped lookup costs
+        # only a name (the code is stored), so the server's delay is honoured in full, never capped.
+        self._quiet_until = 0.0
 
     def queue_name(self, queue_id: str) -> str | None:
         return self._queues.get(queue_id)
 
     def wrapup_name(self, code_id: str) -> str | None:
         if code_id not in self._wrapups:
-            try:
-                self._wrapups[code_id] = self._api.wrapup_code_name(code_id)
-            except TransientError as exc:  # not cached: asked again with the next event that carries it
-                logger.warning("notifications: wrap-up code %s not resolved for now: %s", code_id, exc)
+            if time.monotonic() < self._quiet_until:
                 return None
-            except FatalSourceError as exc:
-                logger.warning("notifications: wrap-up code names unavailable (%s); storing codes only", exc)
-                self._wrapups[code_id] = None
-        return self._wrapups[code_id]
+            self._look_up(code_id)
+        return self._wrapups.get(code_id)
+
+    def _look_up(self, code_id: str) -> None:
+        try:
+            self._wrapups[code_id] = self._api.wrapup_code_name(code_id)
+        except TransientError as exc:  # not cached: asked again with a later event that carries it
+            self._quiet_until = time.monotonic() + (exc.retry_after or 0.0)
+            logger.warning("notifications: wrap-up code %s not resolved for now: %s%s", code_id, exc,
+                           f"; no lookups for {exc.retry_after:g}s (Retry-After)" if exc.retry_after else "")
+        except FatalSourceError as exc:
+            logger.warning("notifications: wrap-up code names unavailable (%s); storing codes only", exc)
+            self._wrapups[code_id] = None
 
 
 # --- the source -----------------------------------------------------------------------------------------------
@@ -586,7 +598,8 @@ class Supervisor:
                 topics = await asyncio.to_thread(self._base_topics)
             except TransientError as exc:
                 delay = backoff.next_delay(exc.retry_after)
-                logger.warning("notifications: cannot list what to watch (%s); retrying in %.2fs", exc, delay)
+                logger.warning("notifications: cannot list what to watch (%s); %sretrying in %.2fs", exc,
+                               asked(exc.retry_after), delay)
                 await sleep_unless_stopped(self.source.stop, delay)
                 continue
             try:
@@ -657,6 +670,13 @@ class Supervisor:
         await asyncio.gather(*(session.close_all("worker stopping") for session in self.sessions))
 
 
+def asked(retry_after: float | None) -> str:
+    """What a log line says of the server's Retry-After ("" without one), ending with "; "."""
+    if retry_after is None:
+        return ""
+    return f"Genesys asked to wait {retry_after:g}s (Retry-After); "
+
+
 async def sleep_unless_stopped(stop: threading.Event, seconds: float) -> None:
     """Sleep `seconds`, waking early (within STOP_POLL_SECONDS) once `stop` is set."""
     loop = asyncio.get_running_loop()
@@ -685,6 +705,7 @@ class Ending:
     reason: str
     new_channel: bool = False  # the channel is gone for sure: skip HEAD
     handover: Socket | None = None  # socket_closing: read this already-open socket next
+    retry_after: float | None = None  # seconds the server asked us to wait before calling it again
 
 
 class ChannelSession:
@@ -704,6 +725,8 @@ class ChannelSession:
         self.drains: set[asyncio.Task[None]] = set()  # old sockets being drained after a handover
         self.backoff = source.new_backoff()
         self.pruned_at = 0.0  # loop time of the last PUT
+        # Loop time before which the session makes no more REST calls: the last Retry-After it was given.
+        self.quiet_until = 0.0
         # Channel replacement and subscription calls never interleave (the reader and maintenance both do them).
         self.lock = asyncio.Lock()
 
@@ -721,7 +744,8 @@ class ChannelSession:
                 try:
                     ending = await self._connect_and_read()
                 except TransientError as exc:
-                    ending = Ending(reason=str(exc), new_channel=isinstance(exc, ChannelGone))
+                    ending = Ending(reason=str(exc), new_channel=isinstance(exc, ChannelGone),
+                                    retry_after=exc.retry_after)
                 await self._after(ending)
         finally:
             maintenance.cancel()
@@ -742,16 +766,27 @@ class ChannelSession:
             socket = ending.handover
 
     async def _after(self, ending: Ending) -> None:
-        """Every end of a socket that is not a handover is a failure: wait a backoff, then go on."""
+        """Every end of a socket that is not a handover is a failure: wait a backoff, never less than what is
+        left of a Retry-After, then go on."""
         if ending.new_channel:
             self.channel = None
         self.stats.reconnects += 1
         self.stats.last_error = ending.reason
-        delay = self.backoff.next_delay()
-        logger.warning("notifications: slot %d: %s; reconnecting in %.2fs (%s, reconnect #%d)", self.slot,
-                       ending.reason, delay, "new channel" if self.channel is None else f"channel {self.channel.id}",
+        delay = self.backoff.next_delay(self._quiet_for(ending.retry_after))
+        channel = "new channel" if self.channel is None else f"channel {self.channel.id}"
+        logger.warning("notifications: slot %d: %s; %sreconnecting in %.2fs (%s, reconnect #%d)", self.slot,
+                       ending.reason, asked(ending.retry_after), delay, channel,
                        self.stats.reconnects)
         await sleep_unless_stopped(self.source.stop, delay)
+
+    def _quiet_for(self, retry_after: float | None) -> float:
+        """Seconds the session still leaves Genesys alone; a Retry-After adds some (a floor, even above the
+        backoff's cap, as everywhere). Reconnects and subscription upkeep both wait them out, whichever of the
+        two was given it."""
+        now = asyncio.get_running_loop().time()
+        if retry_after is not None:
+            self.quiet_until = max(self.quiet_until, now + retry_after)
+        return max(0.0, self.quiet_until - now)
 
     # Channels and subscriptions
 
@@ -840,7 +875,7 @@ class ChannelSession:
     async def _maintain(self) -> None:
         """Subscriptions follow the budget; the channel is re-subscribed (so extended) before it expires."""
         while True:
-            await asyncio.sleep(self.config.sync_interval)
+            await asyncio.sleep(max(self.config.sync_interval, self._quiet_for(None)))
             if self.channel is None or self.synced_version < 0:
                 continue
             expiring = self._expiring()
@@ -851,10 +886,9 @@ class ChannelSession:
                 self.synced_version = -1
                 continue
             except TransientError as exc:
-                wait = max(self.config.sync_interval, exc.retry_after or 0.0)
-                logger.warning("notifications: slot %d: subscriptions not updated (%s); next try in %gs",
-                               self.slot, exc, wait)
-                await asyncio.sleep(wait - self.config.sync_interval)
+                wait = max(self.config.sync_interval, self._quiet_for(exc.retry_after))
+                logger.warning("notifications: slot %d: subscriptions not updated (%s); %snext try in %.2fs",
+                               self.slot, exc, asked(exc.retry_after), wait)
                 continue
             if expiring:
                 self.stats.channel_extensions += 1
@@ -881,7 +915,9 @@ class ChannelSession:
             status = exc.response.status_code
             if status == 404:
                 raise ChannelGone(f"channel {channel.id} refused the WebSocket (404)") from None
-            raise TransientError(f"channel {channel.id} refused the WebSocket ({status})") from None
+            retry_after = parse_retry_after(exc.response.headers.get("Retry-After"))
+            raise TransientError(f"channel {channel.id} refused the WebSocket ({status})",
+                                 retry_after=retry_after) from None
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             raise TransientError(f"cannot open the WebSocket of channel {channel.id} ({short_reason(exc)})") from exc
         tracker = ConnectionTracker(source=SOURCE, listener=self.source.on_connection, channel_id=channel.id,

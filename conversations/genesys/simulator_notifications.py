@@ -8,7 +8,8 @@ Three parts:
 - rendering: an SSE lifecycle payload -> the conversation snapshot and the detail events Genesys would
   publish for the same moment (`conversation_snapshot`, `detail_events`). Both are read off the one payload,
   so the two sources can only agree: the same times, queue, media, direction, numbers, agent and wrap-up.
-- `NotificationsHub`: the state (channels, topics, sockets, a clock the tests move, knobs, stats).
+- `NotificationsHub`: the state (channels, topics, sockets, a clock the tests move, knobs, stats, and a record
+  of the REST requests with the time each arrived, so tests can see how a client spaces its retries).
   Thread-safe: the Simulator publishes from whatever thread appends, tests turn knobs from theirs, sockets
   live on the server's loop.
 - `NotificationsRoutes`: the REST endpoints and the WebSocket, mounted on the SimulatorServer's aiohttp app.
@@ -27,8 +28,8 @@ import secrets
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -49,6 +50,9 @@ SOCKET_CLOSING_TOPIC = "v2.system.socket_closing"
 HEARTBEAT_TEXT = '{"topicName":"channel.metadata","eventBody":{"message":"WebSocket Heartbeat"}}'
 PONG_TEXT = '{"topicName":"channel.metadata","eventBody":{"message":"pong"}}'
 _TICK = 0.05  # how often a socket's timer looks at its heartbeat and idle deadlines
+# The REST endpoints by name: what `fail_next` can fail and what `requests()` records.
+ENDPOINTS = ("create_channel", "list_channels", "head_channel", "subscriptions", "queues", "users")
+REQUESTS_KEPT = 10_000  # the request record keeps the newest ones only: a long demo must not grow it forever
 
 # SSE mediaType -> the participant's list of communications and the provider Genesys names.
 COMMUNICATIONS = {"voice": "calls", "chat": "chats", "callback": "callbacks"}
@@ -396,6 +400,24 @@ class SubscriptionError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Failure:
+    """A canned error answer for the next request to one endpoint (see `NotificationsHub.fail_next`)."""
+
+    status: int
+    retry_after: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RestRequest:
+    """One REST request as the hub answered it."""
+
+    endpoint: str  # one of ENDPOINTS
+    method: str
+    status: int
+    at: float  # time.monotonic() when it arrived
+
+
+@dataclass(frozen=True, slots=True)
 class _Out:
     """One item of a socket's outbox: a text frame, or an instruction for the sender."""
 
@@ -477,6 +499,8 @@ class NotificationsHub:
         self._channels: OrderedDict[str, Channel] = OrderedDict()  # oldest first
         self._sent_details: OrderedDict[str, set[tuple[str, str]]] = OrderedDict()
         self._stats = HubStats()
+        self._failures: dict[str, deque[Failure]] = {endpoint: deque() for endpoint in ENDPOINTS}
+        self._requests: deque[RestRequest] = deque(maxlen=REQUESTS_KEPT)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket_count_changed = threading.Condition(self._lock)
 
@@ -679,6 +703,21 @@ class NotificationsHub:
 
     # --- knobs -------------------------------------------------------------------------------------------
 
+    def fail_next(
+        self, endpoint: str, status: int, *, count: int = 1, retry_after: int | None = None
+    ) -> None:
+        """The next `count` requests to `endpoint` (one of ENDPOINTS) get `status` with a Genesys error body;
+        a 429 carries Retry-After (1 s unless given), as Genesys's always does."""
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"unknown endpoint {endpoint!r}; one of {', '.join(ENDPOINTS)}")
+        with self._lock:
+            self._failures[endpoint].extend(Failure(status, retry_after) for _ in range(count))
+
+    def take_failure(self, endpoint: str) -> Failure | None:
+        with self._lock:
+            failures = self._failures[endpoint]
+            return failures.popleft() if failures else None
+
     def socket_closing(self, channel_id: str | None = None, *, close_after: float | None = 60.0) -> int:
         """Send v2.system.socket_closing (maintenance); close 1001 `close_after` s later (None: never)."""
         sockets = self._sockets(channel_id)
@@ -794,6 +833,15 @@ class NotificationsHub:
             snapshot["topics_per_channel"] = {cid: len(c.topics) for cid, c in self._channels.items()}
         return snapshot
 
+    def requests(self, endpoint: str | None = None) -> list[RestRequest]:
+        """The REST requests answered so far (all, or one endpoint's), oldest first."""
+        with self._lock:
+            return [r for r in self._requests if endpoint is None or r.endpoint == endpoint]
+
+    def record_request(self, request: RestRequest) -> None:
+        with self._lock:
+            self._requests.append(request)
+
     def count(self, name: str, amount: int = 1) -> None:
         """Add to one of the HubStats counters (the routes count their requests here)."""
         with self._lock:
@@ -894,6 +942,9 @@ async def _abort(sock: _Socket) -> None:
 # --- REST and WebSocket routes ----------------------------------------------------------------------------
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 class NotificationsRoutes:
     """The Notifications REST API, the queue and user listings, and /channels/{id}, on the simulator's app."""
 
@@ -911,18 +962,38 @@ class NotificationsRoutes:
     def mount(self, app: web.Application) -> None:
         channels = "/api/v2/notifications/channels"
         subscriptions = channels + "/{channel_id}/subscriptions"
-        router = app.router
-        router.add_post(channels, self.create_channel)
-        router.add_get(channels, self.list_channels, allow_head=False)
-        router.add_route("HEAD", channels + "/{channel_id}", self.head_channel)
-        router.add_get(subscriptions, self.get_subscriptions, allow_head=False)
-        router.add_put(subscriptions, self.put_subscriptions)
-        router.add_post(subscriptions, self.post_subscriptions)
-        router.add_delete(subscriptions, self.delete_subscriptions)
-        router.add_get("/api/v2/routing/queues", self.list_queues, allow_head=False)
-        router.add_get("/api/v2/routing/queues/{queue_id}", self.get_queue, allow_head=False)
-        router.add_get("/api/v2/users", self.list_users, allow_head=False)
-        router.add_get("/channels/{channel_id}", self.socket, allow_head=False)
+        rest: list[tuple[str, str, str, Handler]] = [
+            ("POST", channels, "create_channel", self.create_channel),
+            ("GET", channels, "list_channels", self.list_channels),
+            ("HEAD", channels + "/{channel_id}", "head_channel", self.head_channel),
+            ("GET", subscriptions, "subscriptions", self.get_subscriptions),
+            ("PUT", subscriptions, "subscriptions", self.put_subscriptions),
+            ("POST", subscriptions, "subscriptions", self.post_subscriptions),
+            ("DELETE", subscriptions, "subscriptions", self.delete_subscriptions),
+            ("GET", "/api/v2/routing/queues", "queues", self.list_queues),
+            ("GET", "/api/v2/routing/queues/{queue_id}", "queues", self.get_queue),
+            ("GET", "/api/v2/users", "users", self.list_users),
+        ]
+        for method, path, endpoint, handler in rest:
+            app.router.add_route(method, path, self._answered(endpoint, handler))
+        app.router.add_get("/channels/{channel_id}", self.socket, allow_head=False)
+
+    def _answered(self, endpoint: str, handler: Handler) -> Handler:
+        """`handler` behind the endpoint's canned failures (fail_next); each answer recorded with its time."""
+
+        async def answer(request: web.Request) -> web.StreamResponse:
+            arrived = time.monotonic()
+            failure = self.hub.take_failure(endpoint)
+            if failure is None:
+                response = await handler(request)
+            else:
+                logger.info("simulator answering %s %s with %d (fail_next)", request.method, request.path,
+                            failure.status)
+                response = self._error(failure.status, retry_after=failure.retry_after)
+            self.hub.record_request(RestRequest(endpoint, request.method, response.status, arrived))
+            return response
+
+        return answer
 
     async def create_channel(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

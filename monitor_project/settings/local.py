@@ -2,4 +2,4 @@
 from monitor_project.settings.base import *  # noqa: F401,F403
 from monitor_project.settings.base import env
 
-DEBUG = env.bool("DEBUG", default=True)
+DEBUG = env.boolean("DEBUG", True)
